@@ -1,0 +1,217 @@
+"""Distributed setup, the DeepSpeed config, and the engine.
+
+The DeepSpeed JSON owns parallelism (ZeRO stage, buckets, offload).  Values the CLI owns are
+written ``"auto"`` in the JSON and filled here, so one file serves every run; an explicit JSON
+value that contradicts an explicit flag is an error rather than a silent override.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from .config import Config, ConfigError
+
+# The built-in default when --ds_config is not given; ds_configs/zero2.json holds the same
+# settings (a test keeps them in sync).
+DEFAULT_DS_CONFIG: dict[str, Any] = {
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "train_batch_size": "auto",
+    "gradient_clipping": "auto",
+    "bf16": {"enabled": "auto"},
+    "fp16": {"enabled": "auto"},
+    "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                              "weight_decay": "auto"}},
+    "zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True,
+                          "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8},
+    "steps_per_print": 1_000_000_000,
+    "wall_clock_breakdown": False,
+}
+
+
+@dataclass
+class DistContext:
+    rank: int
+    world: int
+    local_rank: int
+    local_world: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_rank() -> int:
+    """Global rank from the launcher's environment, before any process group exists."""
+    for var in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def setup_distributed(cfg: Config) -> DistContext:
+    """Initialise the process group from whichever launcher started us (deepspeed, torchrun,
+    a PyTorchJob pod running torchrun, SLURM's srun, or a plain single process)."""
+    import deepspeed
+
+    local_rank = cfg.run.local_rank if cfg.run.local_rank >= 0 else int(os.environ.get("LOCAL_RANK", 0))
+    os.environ["LOCAL_RANK"] = str(local_rank)
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:  # srun without torchrun
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+    single = "WORLD_SIZE" not in os.environ
+    if single:  # plain `python dsclip/train.py`: a world of one
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"})
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    on_gpu = acc.device_name() != "cpu"
+    backend = acc.communication_backend_name() if on_gpu else "gloo"
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
+    if not on_gpu:
+        threads = cfg.run.threads or max(1, (os.cpu_count() or 1) // max(1, local_world))
+        torch.set_num_threads(threads)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=cfg.run.dist_timeout),
+                               verbose=False)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if on_gpu:
+        acc.set_device(local_rank)
+        device = torch.device(acc.device_name(local_rank))
+    else:
+        device = torch.device("cpu")
+    return DistContext(rank, world, local_rank, local_world, device, backend)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_precision(cfg: Config, on_gpu: bool) -> str:
+    p = cfg.run.precision
+    if p == "auto":
+        if on_gpu:
+            from deepspeed.accelerator import get_accelerator
+
+            return "bf16" if get_accelerator().is_bf16_supported() else "fp16"
+        return "fp32"
+    if p == "fp16" and not on_gpu:
+        raise ConfigError("--precision fp16 is not supported on CPU; use --precision bf16 or fp32")
+    return p
+
+
+def load_ds_config(path: str | None) -> dict[str, Any]:
+    if path is None:
+        return copy.deepcopy(DEFAULT_DS_CONFIG)
+    if not os.path.isfile(path):
+        raise ConfigError(f"DeepSpeed config not found: {path}; pass an existing JSON file to --ds_config "
+                          f"(see ds_configs/)")
+    with open(path) as fh:
+        try:
+            return json.load(fh)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e}); fix the file") from None
+
+
+def _fill(section: dict, key: str, value: Any, flag: str | None, cfg: Config, where: str) -> None:
+    """Fill ``section[key]``: "auto" or missing takes ``value``; an explicit JSON value must agree
+    with an explicitly set flag."""
+    current = section.get(key, "auto")
+    if current == "auto":
+        section[key] = value
+        return
+    if flag is not None and cfg.is_set(flag) and not _same(current, value):
+        raise ConfigError(f"ds_config {where}.{key}={current!r} contradicts the command line ({value!r}); "
+                          f"set it to \"auto\" in the JSON or drop the flag")
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return abs(float(a) - float(b)) <= 1e-12 * max(1.0, abs(float(b)))
+    return a == b
+
+
+def fill_ds_config(ds: dict[str, Any], cfg: Config, world: int, precision: str) -> dict[str, Any]:
+    """Resolve every "auto" value from the CLI config.  Returns a new dict."""
+    ds = copy.deepcopy(ds)
+    o = cfg.optim
+    _fill(ds, "train_micro_batch_size_per_gpu", o.batch_size, "optim.batch_size", cfg, "")
+    _fill(ds, "gradient_accumulation_steps", o.accum_freq, "optim.accum_freq", cfg, "")
+    _fill(ds, "train_batch_size", ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world,
+          None, cfg, "")
+    if ds["train_batch_size"] != ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world:
+        raise ConfigError("ds_config train_batch_size must equal batch size x accumulation x world size; "
+                          "set it to \"auto\"")
+    _fill(ds, "gradient_clipping", o.grad_clip_norm or 0.0, "optim.grad_clip_norm", cfg, "")
+    for name in ("bf16", "fp16"):
+        sec = ds.setdefault(name, {})
+        _fill(sec, "enabled", precision == name, "run.precision", cfg, name)
+    if ds["bf16"]["enabled"] and ds["fp16"]["enabled"]:
+        raise ConfigError("ds_config enables both bf16 and fp16; enable one, or use \"auto\" with --precision")
+    if "scheduler" in ds:
+        raise ConfigError("ds_config has a 'scheduler' section, but dsclip owns the LR schedule; remove it and "
+                          "use --lr-scheduler/--warmup")
+    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    if str(opt.get("type", "AdamW")).lower() not in ("adamw", "adam"):
+        raise ConfigError(f"ds_config optimizer type {opt.get('type')!r} is not supported; use AdamW")
+    params = opt.setdefault("params", {})
+    _fill(params, "lr", o.lr, "optim.lr", cfg, "optimizer.params")
+    _fill(params, "betas", [o.beta1, o.beta2], None, cfg, "optimizer.params")
+    _fill(params, "eps", o.eps, "optim.eps", cfg, "optimizer.params")
+    _fill(params, "weight_decay", o.wd, "optim.wd", cfg, "optimizer.params")
+    ds.setdefault("zero_optimization", {"stage": 0})
+    ds.setdefault("steps_per_print", 1_000_000_000)
+    # dsclip checkpoints frozen parameters too: exports and resumes must carry them.
+    ds.setdefault("checkpoint", {}).setdefault("exclude_frozen_parameters", False)
+    return ds
+
+
+def zero_stage(ds: dict[str, Any]) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def offloads_optimizer(ds: dict[str, Any]) -> bool:
+    dev = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return dev not in (None, "none")
+
+
+def build_optimizer(groups: list[dict], ds: dict[str, Any], on_gpu: bool):
+    """AdamW over dsclip's parameter groups.  dsclip builds the optimizer itself (from the JSON's
+    filled-in params) so each group keeps its own lr/wd and extra keys, and so CPU runs need no
+    compiled optimizer op; ZeRO-Offload needs DeepSpeed's CPU Adam."""
+    p = ds["optimizer"]["params"]
+    betas = tuple(p["betas"])
+    if offloads_optimizer(ds):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=p["lr"], betas=betas, eps=p["eps"], weight_decay=p["weight_decay"],
+                                adamw_mode=True)
+    kw = {"fused": True} if on_gpu else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=p["lr"], betas=betas, eps=p["eps"], weight_decay=p["weight_decay"], **kw)
+
+
+def initialize_engine(model: torch.nn.Module, groups: list[dict], ds: dict[str, Any], on_gpu: bool):
+    import deepspeed
+
+    optimizer = build_optimizer(groups, ds, on_gpu)
+    ds = copy.deepcopy(ds)
+    ds.pop("optimizer", None)  # already built; DeepSpeed must not build a second one
+    ds["zero_allow_untested_optimizer"] = True
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    return engine

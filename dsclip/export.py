@@ -1,0 +1,113 @@
+"""``dsclip export``: consolidate a ZeRO checkpoint into one open_clip-loadable file.
+
+The result has open_clip's key names and shapes, so
+``open_clip.create_model_and_transforms(model, pretrained=OUT)`` loads it with strict keys.
+Needs no GPU and no process group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import ConfigError
+
+
+def consolidated_state_dict(ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:
+    """fp32 weights of one checkpoint, with open_clip's key names and shapes."""
+    tag_dir = os.path.join(ckpt_dir, tag)
+    meta = ckpt.read_meta(tag_dir)
+    stage = int(meta.get("zero_stage", 2))
+    if stage == 0:
+        states = torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), map_location="cpu",
+                            weights_only=False)  # DeepSpeed's own file; the trainer wrote it
+        sd = {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+    shapes = meta.get("param_shapes", {})
+    out = {}
+    for k, v in sd.items():
+        if k in shapes:
+            v = v.reshape(shapes[k])
+        elif k not in meta.get("state_keys", sd.keys()):
+            continue  # non-persistent buffers that DeepSpeed recorded; open_clip does not save them
+        out[k] = v.detach().to(torch.float32 if v.is_floating_point() else v.dtype).contiguous().clone()
+    missing = [k for k in meta.get("state_keys", []) if k not in out]
+    if missing:
+        raise RuntimeError(f"checkpoint {tag_dir} lacks {len(missing)} keys, e.g. {missing[:5]}")
+    return out
+
+
+def save_weights(sd: dict[str, torch.Tensor], out: str) -> None:
+    """Write ``.safetensors`` or ``.pt`` atomically (temp file, then rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = f"{out}.tmp.{os.getpid()}"
+    if out.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in sd.items()}, tmp)
+    elif out.endswith((".pt", ".bin", ".pth")):
+        torch.save(sd, tmp)
+    else:
+        raise ConfigError(f"unsupported export format {out!r}; use a .safetensors or .pt file name")
+    os.replace(tmp, out)
+
+
+def export(path: str, out: str, tag: str | None = None) -> str:
+    """Export the checkpoint at ``path`` (run dir, checkpoints dir or tag dir) to ``out``."""
+    ckpt_dir, found_tag = ckpt.locate(path)
+    tag = tag or found_tag
+    try:
+        tag = ckpt.resolve_tag(ckpt_dir, tag)
+    except FileNotFoundError as e:
+        raise ConfigError(f"{e}; pick a complete tag with --tag") from None
+    if tag is None:
+        raise ConfigError(f"no complete checkpoint under {ckpt_dir}; pass a run dir or a checkpoint dir")
+    save_weights(consolidated_state_dict(ckpt_dir, tag), out)
+    model_cfg = ckpt.read_meta(os.path.join(ckpt_dir, tag)).get("model_config")
+    if model_cfg:
+        side = os.path.splitext(out)[0] + ".model.json"
+        ckpt.atomic_write_text(side, json.dumps(model_cfg, indent=2))
+    return tag
+
+
+def verify_export(path: str, model_name: str, cfg, probe: dict, save_to: str | None = None) -> float:
+    """Reload ``path`` into a plain open_clip model and compare its embeddings of the probe batch
+    with the engine's.  Returns the max abs difference; records inputs and outputs in ``save_to``."""
+    import open_clip
+
+    force = cfg.model.force_image_size
+    force = None if not force else (force[0] if len(force) == 1 else tuple(force[:2]))
+    model = open_clip.create_model(model_name, pretrained=path, force_image_size=force,
+                                   force_context_length=cfg.model.force_context_length, output_dict=True)
+    model.eval()
+    with torch.no_grad():
+        out = model(image=probe["image"], text=probe["text"])
+    diff = max(float((out["image_features"] - probe["image_features"]).abs().max()),
+               float((out["text_features"] - probe["text_features"]).abs().max()))
+    if save_to:
+        torch.save({**probe, "max_abs_diff": diff}, save_to)
+    return diff
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dsclip export",
+                                description="Consolidate a dsclip/DeepSpeed checkpoint into one open_clip file.")
+    p.add_argument("path", help="run dir, its checkpoints/ dir, or one checkpoint tag dir")
+    p.add_argument("out", help="output file: .safetensors or .pt")
+    p.add_argument("--tag", default=None, help="checkpoint tag (default: latest complete)")
+    args = p.parse_args(argv)
+    try:
+        tag = export(args.path, args.out, args.tag)
+    except ConfigError as e:
+        print(f"dsclip export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {tag} -> {args.out}")
+    return 0

@@ -1,0 +1,466 @@
+"""dsclip's training entry point.
+
+Runnable three ways, because launchers execute a file:
+  deepspeed --hostfile hosts dsclip/train.py --ds_config ds_configs/zero2.json ...
+  torchrun --nproc_per_node 2 dsclip/train.py ...
+  python -m dsclip.train ...      (or `dsclip train ...`)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __package__ in (None, ""):  # executed by path: make the package importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from dsclip.config import Config, ConfigError, parse_args
+
+LN_100 = math.log(100.0)
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch
+    batch_in_epoch: int = 0  # micro batches of `epoch` already consumed
+    samples_seen: int = 0
+
+    def client_state(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "samples_seen": self.samples_seen}
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once by ``setup``."""
+    cfg: Config
+    ctx: Any
+    engine: Any
+    bundle: Any
+    source: Any
+    loss_fn: Any
+    lr: Any
+    logger: Any
+    evaluator: Any
+    guards: Any
+    run_dir: str
+    ckpt_dir: str
+    steps_per_epoch: int
+    total_steps: int
+    epochs: int
+    meta: dict
+    state: TrainState = field(default_factory=TrainState)
+    dtype: Any = None
+    last_saved_step: int = -1
+    last_train_loss: float = float("nan")
+
+
+# ---------------------------------------------------------------- validation (cheap, before any model)
+
+def validate(cfg: Config) -> None:
+    """Catch bad input before any heavy work.  Raises ConfigError with a one-line fix."""
+    from dsclip.engine import load_ds_config
+
+    o, d, r = cfg.optim, cfg.data, cfg.run
+    load_ds_config(r.ds_config)
+    if cfg.model.model.endswith(".json") and not os.path.isfile(cfg.model.model):
+        raise ConfigError(f"model config not found: {cfg.model.model}; pass an existing open_clip model-config "
+                          f"JSON or a model name")
+    pre = cfg.model.pretrained
+    if pre and (os.sep in pre or pre.endswith((".pt", ".pth", ".bin", ".safetensors"))) and not os.path.exists(pre):
+        raise ConfigError(f"--pretrained file not found: {pre}; pass an existing checkpoint or a pretrained tag")
+    if r.resume and r.resume != "latest" and not os.path.exists(r.resume):
+        raise ConfigError(f"--resume path not found: {r.resume}; pass a run/checkpoint dir or 'latest'")
+    if r.resume == "latest" and not r.name:
+        raise ConfigError("--resume latest needs --name of the run to continue (its dir is --logs/--name)")
+    for name, val, lo in (("--batch-size", o.batch_size, 1), ("--accum-freq", o.accum_freq, 1),
+                          ("--workers", d.workers, 0), ("--keep-last-n", r.keep_last_n, 1),
+                          ("--log-every-n-steps", r.log_every_n_steps, 1)):
+        if val < lo:
+            raise ConfigError(f"{name} must be >= {lo}, got {val}")
+    if o.epochs is not None and o.epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {o.epochs}")
+    if o.lr is not None and o.lr <= 0:
+        raise ConfigError(f"--lr must be positive, got {o.lr}")
+    if o.lr_scheduler == "const-cooldown" and not o.epochs_cooldown:
+        raise ConfigError("--lr-scheduler const-cooldown needs --epochs-cooldown N")
+    if d.train_data_upsampling_factors and not d.dataset_resampled:
+        raise ConfigError("--train-data-upsampling-factors needs --dataset-resampled")
+    if cfg.model.force_image_size and len(cfg.model.force_image_size) > 2:
+        raise ConfigError("--force-image-size takes H or H W")
+    if r.precision == "fp16":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--precision fp16 is not supported on CPU; use --precision bf16 or fp32")
+    if cfg.loss.siglip and not cfg.loss.local_loss:
+        pass  # SigLIP is always computed blockwise; the flag is irrelevant there
+
+
+# ---------------------------------------------------------------- setup
+
+def setup(cfg: Config) -> Run:
+    import torch
+    import torch.distributed as dist
+
+    from dsclip import checkpoint as ckpt
+    from dsclip.config import save_yaml
+    from dsclip.data import build_source
+    from dsclip.engine import (fill_ds_config, initialize_engine, load_ds_config, resolve_precision,
+                               setup_distributed, zero_stage)
+    from dsclip.loss import build_loss
+    from dsclip.model import create_model
+    from dsclip.schedule import GroupLR, lr_factor_fn
+    from dsclip.strategies import (apply_strategy, apply_strategy_defaults, describe_param_groups,
+                                   format_param_group_table, param_groups_for)
+
+    ctx = setup_distributed(cfg)
+    on_gpu = ctx.device.type != "cpu"
+    precision = resolve_precision(cfg, on_gpu)
+    notes = apply_strategy_defaults(cfg)
+    cfg.run.name = _agreed_name(cfg.run.name)
+    run_dir = os.path.join(cfg.run.logs, cfg.run.name)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if ctx.is_main:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        save_yaml(cfg, os.path.join(run_dir, "params.yaml"))
+    torch.manual_seed(cfg.run.seed + ctx.rank)
+
+    bundle = create_model(cfg, ctx.device)
+    frozen = apply_strategy(bundle.model, cfg)
+    groups = param_groups_for(bundle.model, cfg)
+    rows = describe_param_groups(bundle.model, groups, frozen)
+    if cfg.strategy.dump_param_groups and ctx.is_main:
+        import json
+
+        print(format_param_group_table(rows), flush=True)
+        with open(os.path.join(run_dir, "param_groups.json"), "w") as fh:
+            json.dump(rows, fh, indent=1)
+    promoted = getattr(bundle.model, "_dsclip_promoted", [])
+    state_shapes = {k: list(v.shape) for k, v in bundle.model.state_dict().items()}
+    n_trainable = sum(p.numel() for g in groups for p in g["params"])  # before ZeRO partitions them
+    ds = fill_ds_config(load_ds_config(cfg.run.ds_config), cfg, ctx.world, precision)
+    engine = initialize_engine(bundle.model, groups, ds, on_gpu)
+
+    source = build_source(cfg, "train", bundle.preprocess_train, bundle.tokenizer, bundle.image_size,
+                          ctx.rank, ctx.world)
+    steps_per_epoch = source.num_batches // cfg.optim.accum_freq
+    if steps_per_epoch == 0:
+        raise ConfigError(f"an epoch has {source.num_batches} batches per rank, fewer than --accum-freq "
+                          f"{cfg.optim.accum_freq}; use more samples or a smaller batch")
+    epochs = cfg.optim.epochs
+    total = epochs * steps_per_epoch
+    if cfg.optim.max_steps:
+        total = min(total, cfg.optim.max_steps)
+    cooldown = (cfg.optim.epochs_cooldown or 0) * steps_per_epoch
+    base_lr = cfg.optim.lr
+    factor = lr_factor_fn(cfg.optim.lr_scheduler, cfg.optim.warmup, total, cooldown, cfg.optim.lr_cooldown_power,
+                          cfg.optim.lr_cooldown_end / base_lr if base_lr else 0.0)
+    lr = GroupLR(engine.optimizer, factor)
+
+    from dsclip.metrics import MetricsLogger
+
+    logger = MetricsLogger(run_dir, cfg.run.report_to, ctx.rank, cfg.to_dict(mask_secrets=True))
+    evaluator, guards = _build_eval(cfg, bundle, ctx)
+    meta = {"zero_stage": zero_stage(ds), "param_shapes": {k: state_shapes[k] for k in promoted},
+            "state_keys": list(state_shapes), "model": bundle.name, "model_config": bundle.model_cfg,
+            "world_size": ctx.world}
+    run = Run(cfg, ctx, engine, bundle, source, build_loss(cfg.loss, group=None), lr, logger, evaluator, guards,
+              run_dir, ckpt_dir, steps_per_epoch, total, epochs, meta,
+              dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32))
+    if ctx.is_main:
+        for line in notes + bundle.notes:
+            print(f"[dsclip] {line}", flush=True)
+        print(f"[dsclip] {ctx.world} rank(s) on {ctx.device.type} ({ctx.backend}), ZeRO-{zero_stage(ds)}, "
+              f"{precision}, {n_trainable:,} trainable params, "
+              f"{steps_per_epoch} steps/epoch x {epochs} epochs = {total} steps, run dir {run_dir}", flush=True)
+    _maybe_resume(run, ckpt)
+    dist.barrier()
+    return run
+
+
+def _agreed_name(name: str | None) -> str:
+    """Every rank must use the same run name; rank 0's timestamp wins."""
+    import torch.distributed as dist
+
+    box = [name or time.strftime("%Y_%m_%d-%H_%M_%S")]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _build_eval(cfg: Config, bundle, ctx):
+    try:
+        from dsclip.evaluate import Evaluator
+        from dsclip.guards import Guards
+    except ImportError:
+        return None, None
+    return (Evaluator(cfg, bundle.tokenizer, bundle.preprocess_val, bundle.image_size, ctx.rank, ctx.world,
+                      None, ctx.device), Guards(cfg.eval))
+
+
+def _maybe_resume(run: Run, ckpt) -> None:
+    cfg = run.cfg
+    if not cfg.run.resume:
+        return
+    if cfg.run.resume == "latest":
+        ckpt_dir, tag = run.ckpt_dir, None
+    else:
+        ckpt_dir, tag = ckpt.locate(cfg.run.resume)
+    tag = ckpt.resolve_tag(ckpt_dir, tag)
+    if tag is None:
+        if cfg.run.resume == "latest":
+            if run.ctx.is_main:
+                print(f"[dsclip] no checkpoint in {ckpt_dir} yet; starting from scratch", flush=True)
+            return
+        raise ConfigError(f"no complete checkpoint in {ckpt_dir}; pass another --resume path")
+    client = ckpt.load_checkpoint(run.engine, ckpt_dir, tag, run.ctx.rank)
+    run.state = TrainState(client["step"], client["epoch"], client["batch_in_epoch"], client["samples_seen"])
+    run.last_saved_step = run.state.step
+    if run.ctx.is_main:
+        print(f"[dsclip] resumed {tag} from {ckpt_dir}: step {run.state.step}, epoch {run.state.epoch}, "
+              f"batch {run.state.batch_in_epoch}", flush=True)
+
+
+# ---------------------------------------------------------------- the loop
+
+def train(cfg: Config) -> dict[str, Any]:
+    run = setup(cfg)
+    s = run.state
+    meter = _Meter(run)
+    if s.step == 0 and run.evaluator is not None and cfg.eval.baseline_eval:
+        evaluate(run, epoch_end=False, baseline=True)
+    stop = s.step >= run.total_steps
+    while not stop and s.epoch < run.epochs:
+        micro_per_epoch = run.steps_per_epoch * cfg.optim.accum_freq
+        batches = run.source.batches(s.epoch, s.batch_in_epoch)
+        while s.batch_in_epoch < micro_per_epoch:
+            batch = meter.next_batch(batches)
+            loss = train_micro_step(run, batch)
+            s.batch_in_epoch += 1
+            s.samples_seen += len(batch["keys"]) * run.ctx.world
+            meter.add(loss)
+            if s.batch_in_epoch % cfg.optim.accum_freq:
+                continue
+            s.step += 1
+            after_step(run, meter)
+            if s.step >= run.total_steps:
+                stop = True
+                break
+            if run.state.step and cfg.eval.eval_every_n_steps and s.step % cfg.eval.eval_every_n_steps == 0:
+                stop = evaluate(run, epoch_end=False) or stop
+            if stop:
+                break
+        if s.batch_in_epoch >= micro_per_epoch:
+            s.epoch, s.batch_in_epoch = s.epoch + 1, 0
+            stop = evaluate(run, epoch_end=True) or stop
+            if cfg.run.save_frequency and s.epoch % cfg.run.save_frequency == 0:
+                save(run)
+    return finish(run)
+
+
+def train_micro_step(run: Run, batch: dict) -> float:
+    cfg, s = run.cfg, run.state
+    if s.batch_in_epoch % cfg.optim.accum_freq == 0:
+        run.lr.set_step(s.step)
+    images = batch["image"].to(run.ctx.device, dtype=run.dtype, non_blocking=True)
+    texts = batch["text"].to(run.ctx.device, non_blocking=True)
+    out = run.engine(image=images, text=texts)
+    loss = run.loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"))
+    run.engine.backward(loss)
+    run.engine.step()
+    _trace_keys(run, batch)
+    return float(loss.detach())
+
+
+def after_step(run: Run, meter: "_Meter") -> None:
+    from dsclip.model import clamp_logit_scale
+
+    cfg, s = run.cfg, run.state
+    clamp_logit_scale(run.engine.module, LN_100)
+    if s.step % cfg.run.log_every_n_steps == 0 or s.step == run.total_steps:
+        meter.report()
+    if cfg.run.save_every_n_steps and s.step % cfg.run.save_every_n_steps == 0:
+        save(run)
+    _fault_hook(s.step)
+
+
+def evaluate(run: Run, epoch_end: bool, baseline: bool = False) -> bool:
+    """Run the due evaluations; returns True when a guard asks to stop."""
+    if run.evaluator is None:
+        return False
+    s = run.state
+    if not baseline and not run.evaluator.should_run(epoch_end, s.epoch, s.step):
+        return False
+    metrics = run.evaluator.run(run.engine, s.step, s.epoch)
+    if not metrics:
+        return False
+    run.logger.log(metrics, step=s.step, kind="baseline" if baseline else "eval", epoch=s.epoch)
+    decision = run.guards.update(s.step, run.last_train_loss, metrics)
+    if run.ctx.is_main:
+        print("[dsclip] eval " + " ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())), flush=True)
+        for w in decision.warnings:
+            print(f"[dsclip] WARNING: {w}", flush=True)
+    if decision.is_best and not baseline:
+        save(run, best=True)
+    return decision.stop
+
+
+def save(run: Run, best: bool = False) -> None:
+    from dsclip import checkpoint as ckpt
+
+    s = run.state
+    if run.last_saved_step != s.step:
+        client = {**s.client_state(), "config": run.cfg.to_dict(mask_secrets=True)}
+        ckpt.save_checkpoint(run.engine, run.ckpt_dir, s.step, client, run.ctx.rank, run.cfg.run.keep_last_n,
+                             run.meta, protect=(_best_tag(run),))
+        run.last_saved_step = s.step
+    if best and run.ctx.is_main:
+        ckpt.atomic_write_text(os.path.join(run.ckpt_dir, "best"), ckpt.tag_for(s.step))
+
+
+def _best_tag(run: Run) -> str:
+    path = os.path.join(run.ckpt_dir, "best")
+    return open(path).read().strip() if os.path.isfile(path) else ""
+
+
+def finish(run: Run) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    from dsclip.export import export, verify_export
+
+    save(run)
+    final = os.path.join(run.run_dir, "final.safetensors")
+    probe = _probe_embeddings(run)  # collective under ZeRO-3: every rank runs it
+    if run.ctx.is_main:
+        export(run.run_dir, final)
+        diff = verify_export(final, run.bundle.name, run.cfg, probe, os.path.join(run.run_dir, "export_check.pt"))
+        print(f"[dsclip] done: {run.state.step} steps; weights {final} (open_clip reload matches the engine: "
+              f"max abs diff {diff:.2e})", flush=True)
+    dist.barrier()
+    run.logger.close()
+    return {"run_dir": run.run_dir, "final": final, "step": run.state.step}
+
+
+def _probe_embeddings(run: Run) -> dict[str, Any]:
+    """The engine's own embeddings of a fixed probe batch, to check the export against."""
+    import torch
+
+    from dsclip.data.synthetic import synthetic_sample
+
+    images, captions = zip(*(synthetic_sample(12345, i, run.bundle.image_size) for i in range(4)))
+    images, texts = torch.stack(images), run.bundle.tokenizer(list(captions))
+    module = run.engine.module
+    was_training = module.training
+    module.eval()
+    with torch.no_grad():
+        out = run.engine(image=images.to(run.ctx.device, dtype=run.dtype), text=texts.to(run.ctx.device))
+    module.train(was_training)
+    return {"image": images, "text": texts, "image_features": out["image_features"].float().cpu(),
+            "text_features": out["text_features"].float().cpu()}
+
+
+# ---------------------------------------------------------------- progress
+
+class _Meter:
+    """Times data waits and steps; prints the progress line and logs train metrics."""
+
+    def __init__(self, run: Run):
+        self.run, self.losses = run, []
+        self.t_window = self.t_last = time.perf_counter()
+        self.data_wait = 0.0
+        self.last_step = run.state.step
+
+    def next_batch(self, it) -> dict:
+        t = time.perf_counter()
+        batch = next(it)
+        self.data_wait += time.perf_counter() - t
+        return batch
+
+    def add(self, loss: float) -> None:
+        self.losses.append(loss)
+
+    def report(self) -> None:
+        import torch
+        import torch.distributed as dist
+
+        run, s, cfg = self.run, self.run.state, self.run.cfg
+        now = time.perf_counter()
+        window = max(now - self.t_window, 1e-9)
+        steps = max(1, s.step - self.last_step)
+        self.last_step = s.step
+        vals = torch.tensor([sum(self.losses) / max(1, len(self.losses)), self.data_wait / window],
+                            dtype=torch.float64)
+        dist.all_reduce(vals)
+        vals /= run.ctx.world
+        loss, wait = vals.tolist()
+        run.last_train_loss = loss
+        global_batch = cfg.optim.batch_size * cfg.optim.accum_freq * run.ctx.world
+        sps = steps * global_batch / window
+        eta = (run.total_steps - s.step) * window / steps
+        lr = run.lr.current_lrs()[0]
+        stats = run.source.stats() if hasattr(run.source, "stats") else {}
+        metrics = {"loss": loss, "lr": lr, "samples_per_s": sps, "samples_per_s_per_rank": sps / run.ctx.world,
+                   "data_wait_frac": wait, "logit_scale": float(run.engine.module.logit_scale.data.reshape(-1)[0])
+                   if run.engine.module.logit_scale.data.numel() else float("nan")}
+        metrics.update({f"data/{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
+        run.logger.log(metrics, step=s.step, kind="train", epoch=s.epoch)
+        if run.ctx.is_main:
+            skipped = f" skipped {stats.get('skipped', 0)}" if stats.get("skipped") else ""
+            print(f"epoch {s.epoch + 1}/{run.epochs} step {s.step}/{run.total_steps} "
+                  f"({100 * s.step / run.total_steps:.0f}%) loss {loss:.4f} lr {lr:.3g} "
+                  f"samples/s {sps:.1f} ({sps / run.ctx.world:.1f}/rank) data {100 * wait:.0f}%{skipped} "
+                  f"eta {_fmt_eta(eta)}", flush=True)
+        self.losses, self.data_wait, self.t_window = [], 0.0, now
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+# ---------------------------------------------------------------- test hooks
+
+def _fault_hook(step: int) -> None:
+    """``DSCLIP_FAULT=kill_at_step:N`` SIGKILLs ranks (``DSCLIP_FAULT_RANKS``, default all) after
+    step N: a real, deterministic crash for resume tests."""
+    fault = os.environ.get("DSCLIP_FAULT", "")
+    if fault == f"kill_at_step:{step}":
+        ranks = os.environ.get("DSCLIP_FAULT_RANKS")
+        if ranks is None or os.environ.get("RANK", "0") in ranks.split(","):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _trace_keys(run: Run, batch: dict) -> None:
+    """``DSCLIP_TRACE_KEYS=DIR``: each rank appends ``epoch batch keys`` per micro batch."""
+    out = os.environ.get("DSCLIP_TRACE_KEYS")
+    if out:
+        s = run.state
+        with open(os.path.join(out, f"keys-rank{run.ctx.rank}.txt"), "a") as fh:
+            fh.write(f"{s.epoch} {s.batch_in_epoch} {','.join(batch['keys'])}\n")
+
+
+# ---------------------------------------------------------------- entry
+
+def main(argv: list[str] | None = None) -> int:
+    from dsclip.engine import env_rank
+
+    try:
+        cfg = parse_args(argv)
+        validate(cfg)
+        train(cfg)
+    except ConfigError as e:
+        if env_rank() == 0:
+            print(f"dsclip: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
