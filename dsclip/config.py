@@ -146,7 +146,9 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    logs: str = opt("./logs", "where run directories go")
+    # torchrun's own parser grabs `--logs` as an abbreviation of its --logs-specs: use --logs-dir there
+    logs: str = opt("./logs", "where run directories go (alias --logs-dir, which torchrun leaves alone)",
+                    aliases=("--logs-dir",))
     name: Optional[str] = opt(None, "run name (default: a timestamp)")
     resume: Optional[str] = opt(None, "resume from a checkpoint path or 'latest'")
     precision: str = opt("auto", "numeric precision (auto: bf16 on GPUs that support it, else fp32)",

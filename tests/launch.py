@@ -47,7 +47,7 @@ def tiny_args(run_dir_parent: str, name: str, *extra: str, steps_samples: int = 
     """Flags for a tiny synthetic run that takes a few seconds."""
     return ["--model", TINY, "--dataset-type", "synthetic", "--train-num-samples", str(steps_samples),
             "--batch-size", "4", "--epochs", "1", "--lr", "1e-3", "--warmup", "2", "--wd", "0.1",
-            "--precision", "fp32", "--logs", run_dir_parent, "--name", name, "--log-every-n-steps", "2",
+            "--precision", "fp32", "--logs-dir", run_dir_parent, "--name", name, "--log-every-n-steps", "2",
             "--workers", "0", "--threads", "1", *extra]
 
 
