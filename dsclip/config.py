@@ -82,6 +82,9 @@ class DataConfig:
 class OptimConfig:
     batch_size: int = opt(64, "batch size per rank (micro batch)")
     accum_freq: int = opt(1, "micro batches per optimizer step")
+    accum_mode: str = opt("contrastive", "contrastive: K micro batches act as one batch K times larger, with "
+                          "all negatives (feature caching); plain: DeepSpeed's per-micro-batch accumulation",
+                          choices=("contrastive", "plain"))
     epochs: Optional[int] = opt(None, "number of epochs (default: the strategy's recommendation)")
     max_steps: Optional[int] = opt(None, "stop after this many optimizer steps (default: epochs)")
     lr: Optional[float] = opt(None, "base learning rate (default: the strategy's recommendation)")

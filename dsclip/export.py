@@ -28,9 +28,12 @@ def consolidated_state_dict(ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:
                             weights_only=False)  # DeepSpeed's own file; the trainer wrote it
         sd = {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
     else:
+        import contextlib
+
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        sd = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+            sd = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)  # chatty progress bars
     shapes = meta.get("param_shapes", {})
     out = {}
     for k, v in sd.items():

@@ -232,31 +232,21 @@ def _maybe_resume(run: Run, ckpt) -> None:
 
 def train(cfg: Config) -> dict[str, Any]:
     run = setup(cfg)
-    s = run.state
+    s, k = run.state, cfg.optim.accum_freq
     meter = _Meter(run)
     if s.step == 0 and run.evaluator is not None and cfg.eval.baseline_eval:
         evaluate(run, epoch_end=False, baseline=True)
     stop = s.step >= run.total_steps
     while not stop and s.epoch < run.epochs:
-        micro_per_epoch = run.steps_per_epoch * cfg.optim.accum_freq
+        micro_per_epoch = run.steps_per_epoch * k
         batches = run.source.batches(s.epoch, s.batch_in_epoch)
-        while s.batch_in_epoch < micro_per_epoch:
-            batch = meter.next_batch(batches)
-            loss = train_micro_step(run, batch)
-            s.batch_in_epoch += 1
-            s.samples_seen += len(batch["keys"]) * run.ctx.world
-            meter.add(loss)
-            if s.batch_in_epoch % cfg.optim.accum_freq:
-                continue
+        while not stop and s.batch_in_epoch < micro_per_epoch:
+            micro = [meter.next_batch(batches) for _ in range(k)]
+            meter.add(train_step(run, micro))
+            s.batch_in_epoch += k
+            s.samples_seen += sum(len(b["keys"]) for b in micro) * run.ctx.world
             s.step += 1
-            after_step(run, meter)
-            if s.step >= run.total_steps:
-                stop = True
-                break
-            if run.state.step and cfg.eval.eval_every_n_steps and s.step % cfg.eval.eval_every_n_steps == 0:
-                stop = evaluate(run, epoch_end=False) or stop
-            if stop:
-                break
+            stop = after_step(run, meter)
         if s.batch_in_epoch >= micro_per_epoch:
             s.epoch, s.batch_in_epoch = s.epoch + 1, 0
             stop = evaluate(run, epoch_end=True) or stop
@@ -265,21 +255,22 @@ def train(cfg: Config) -> dict[str, Any]:
     return finish(run)
 
 
-def train_micro_step(run: Run, batch: dict) -> float:
-    cfg, s = run.cfg, run.state
-    if s.batch_in_epoch % cfg.optim.accum_freq == 0:
-        run.lr.set_step(s.step)
-    images = batch["image"].to(run.ctx.device, dtype=run.dtype, non_blocking=True)
-    texts = batch["text"].to(run.ctx.device, non_blocking=True)
-    out = run.engine(image=images, text=texts)
-    loss = run.loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"))
-    run.engine.backward(loss)
-    run.engine.step()
-    _trace_keys(run, batch)
-    return float(loss.detach())
+def train_step(run: Run, micro: list[dict]) -> float:
+    """One optimizer step over ``accum_freq`` micro batches; returns the step's loss."""
+    from dsclip.accumulate import contrastive_step, plain_step
+
+    run.lr.set_step(run.state.step)
+    inputs = [(b["image"].to(run.ctx.device, dtype=run.dtype, non_blocking=True),
+               b["text"].to(run.ctx.device, non_blocking=True)) for b in micro]
+    step = contrastive_step if run.cfg.optim.accum_mode == "contrastive" else plain_step
+    loss = step(run.engine, run.loss_fn, inputs)
+    for i, b in enumerate(micro):
+        _trace_keys(run, b, run.state.batch_in_epoch + i)
+    return loss
 
 
-def after_step(run: Run, meter: "_Meter") -> None:
+def after_step(run: Run, meter: "_Meter") -> bool:
+    """Bookkeeping after an optimizer step; returns True when training should stop."""
     from dsclip.model import clamp_logit_scale
 
     cfg, s = run.cfg, run.state
@@ -289,6 +280,11 @@ def after_step(run: Run, meter: "_Meter") -> None:
     if cfg.run.save_every_n_steps and s.step % cfg.run.save_every_n_steps == 0:
         save(run)
     _fault_hook(s.step)
+    if s.step >= run.total_steps:
+        return True
+    if cfg.eval.eval_every_n_steps and s.step % cfg.eval.eval_every_n_steps == 0:
+        return evaluate(run, epoch_end=False)
+    return False
 
 
 def evaluate(run: Run, epoch_end: bool, baseline: bool = False) -> bool:
@@ -437,13 +433,12 @@ def _fault_hook(step: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _trace_keys(run: Run, batch: dict) -> None:
+def _trace_keys(run: Run, batch: dict, index: int) -> None:
     """``DSCLIP_TRACE_KEYS=DIR``: each rank appends ``epoch batch keys`` per micro batch."""
     out = os.environ.get("DSCLIP_TRACE_KEYS")
     if out:
-        s = run.state
         with open(os.path.join(out, f"keys-rank{run.ctx.rank}.txt"), "a") as fh:
-            fh.write(f"{s.epoch} {s.batch_in_epoch} {','.join(batch['keys'])}\n")
+            fh.write(f"{run.state.epoch} {index} {','.join(batch['keys'])}\n")
 
 
 # ---------------------------------------------------------------- entry
