@@ -62,9 +62,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fault_point(name: str) -> None:
-    """Test hook: ``DSCLIP_FAULT=kill_in_save:<point>`` SIGKILLs this process at a save stage."""
-    if os.environ.get("DSCLIP_FAULT") == f"kill_in_save:{name}":
+def _fault_point(name: str, step: int) -> None:
+    """Test hook: ``DSCLIP_FAULT=kill_in_save:<point>:<step>`` SIGKILLs this process at one stage
+    of one save: a real crash in the middle of writing a checkpoint."""
+    if os.environ.get("DSCLIP_FAULT") == f"kill_in_save:{name}:{step}":
         os.kill(os.getpid(), 9)
 
 
@@ -146,14 +147,14 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: dict[str, An
         shutil.rmtree(tag_dir)
     dist.barrier()
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
-    _fault_point("after_engine_save")
+    _fault_point("after_engine_save", step)
     rng_path = os.path.join(tag_dir, f"rng_rank{rank}.pt")
     torch.save(rng_state(), rng_path + ".tmp")
     os.replace(rng_path + ".tmp", rng_path)
     dist.barrier()
     if rank == 0:
         write_manifest(tag_dir, {"step": step, **meta})
-        _fault_point("before_latest")
+        _fault_point("before_latest", step)
         atomic_write_text(os.path.join(ckpt_dir, LATEST), tag)
         prune(ckpt_dir, keep_last_n, protect=protect)
     dist.barrier()
@@ -190,3 +191,49 @@ def load_checkpoint(engine, ckpt_dir: str, tag: str, rank: int) -> dict[str, Any
 def read_meta(tag_dir: str) -> dict[str, Any]:
     with open(os.path.join(tag_dir, MANIFEST)) as fh:
         return json.load(fh)
+
+
+# ---------------------------------------------------------------- remote copies (--remote-sync)
+
+def _remote_fs(remote: str):
+    if remote.startswith("s3://"):
+        from .data.s3 import s3_endpoint, s3_filesystem
+
+        return s3_filesystem(s3_endpoint()), remote[len("s3://"):].rstrip("/")
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(remote)
+    return fs, path.rstrip("/")
+
+
+def upload_checkpoint(ckpt_dir: str, tag: str, remote: str) -> None:
+    """Copy one complete tag to ``remote/checkpoints/<tag>/``, then the ``latest`` pointer last, so
+    the remote copy is never ahead of its data (rank 0 only; needs a shared checkpoint dir)."""
+    fs, base = _remote_fs(remote)
+    tag_dir = os.path.join(ckpt_dir, tag)
+    for root, _, names in os.walk(tag_dir):
+        for n in sorted(names, key=lambda n: n == MANIFEST):  # the manifest goes up last
+            local = os.path.join(root, n)
+            fs.put_file(local, f"{base}/checkpoints/{tag}/{os.path.relpath(local, tag_dir)}")
+    with fs.open(f"{base}/checkpoints/{LATEST}", "w") as fh:
+        fh.write(tag)
+
+
+def download_latest(remote: str, ckpt_dir: str) -> str | None:
+    """Fetch the remote ``latest`` checkpoint into ``ckpt_dir``; returns its tag or None."""
+    fs, base = _remote_fs(remote)
+    latest = f"{base}/checkpoints/{LATEST}"
+    if not fs.exists(latest):
+        return None
+    with fs.open(latest, "r") as fh:
+        tag = fh.read().strip()
+    remote_tag = f"{base}/checkpoints/{tag}"
+    local_tag = os.path.join(ckpt_dir, tag)
+    for path in fs.find(remote_tag):
+        rel = path[len(remote_tag):].lstrip("/")
+        os.makedirs(os.path.dirname(os.path.join(local_tag, rel)), exist_ok=True)
+        fs.get_file(path, os.path.join(local_tag, rel))
+    if not is_complete(local_tag):
+        raise RuntimeError(f"remote checkpoint {remote_tag} is incomplete")
+    atomic_write_text(os.path.join(ckpt_dir, LATEST), tag)
+    return tag

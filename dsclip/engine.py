@@ -63,12 +63,18 @@ def setup_distributed(cfg: Config) -> DistContext:
     a PyTorchJob pod running torchrun, SLURM's srun, or a plain single process)."""
     import deepspeed
 
-    local_rank = cfg.run.local_rank if cfg.run.local_rank >= 0 else int(os.environ.get("LOCAL_RANK", 0))
-    os.environ["LOCAL_RANK"] = str(local_rank)
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:  # srun without torchrun
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:  # srun, one task per device, no torchrun
         os.environ["RANK"] = os.environ["SLURM_PROCID"]
         os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
         os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+        if "SLURM_NTASKS_PER_NODE" in os.environ:
+            os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ["SLURM_NTASKS_PER_NODE"].split("(")[0])
+        if "MASTER_ADDR" not in os.environ:
+            raise ConfigError("srun without torchrun: export MASTER_ADDR (the first node, e.g. from "
+                              "`scontrol show hostnames $SLURM_JOB_NODELIST | head -1`) and MASTER_PORT")
+        os.environ.setdefault("MASTER_PORT", "29500")
+    local_rank = cfg.run.local_rank if cfg.run.local_rank >= 0 else int(os.environ.get("LOCAL_RANK", 0))
+    os.environ["LOCAL_RANK"] = str(local_rank)
     single = "WORLD_SIZE" not in os.environ
     if single:  # plain `python dsclip/train.py`: a world of one
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"})
@@ -82,7 +88,9 @@ def setup_distributed(cfg: Config) -> DistContext:
     if not on_gpu:
         threads = cfg.run.threads or max(1, (os.cpu_count() or 1) // max(1, local_world))
         torch.set_num_threads(threads)
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=cfg.run.dist_timeout),
+    # dsclip's watchdog (dist_timeout) reports a stuck job with every rank's last step; the
+    # backend's own timeout is the later fallback.
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=2 * cfg.run.dist_timeout + 60),
                                verbose=False)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if on_gpu:

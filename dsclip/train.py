@@ -60,6 +60,7 @@ class Run:
     dtype: Any = None
     last_saved_step: int = -1
     last_train_loss: float = float("nan")
+    watchdog: Any = None
 
 
 # ---------------------------------------------------------------- validation (cheap, before any model)
@@ -78,6 +79,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--pretrained file not found: {pre}; pass an existing checkpoint or a pretrained tag")
     if r.resume and r.resume != "latest" and not os.path.exists(r.resume):
         raise ConfigError(f"--resume path not found: {r.resume}; pass a run/checkpoint dir or 'latest'")
+    if cfg.eval.wise_ft_alphas and not cfg.model.pretrained:
+        raise ConfigError("--wise-ft-alphas ensembles with the starting weights; it needs --pretrained")
     if r.resume == "latest" and not r.name:
         raise ConfigError("--resume latest needs --name of the run to continue (its dir is --logs/--name)")
     for name, val, lo in (("--batch-size", o.batch_size, 1), ("--accum-freq", o.accum_freq, 1),
@@ -183,6 +186,10 @@ def setup(cfg: Config) -> Run:
               f"{steps_per_epoch} steps/epoch x {epochs} epochs = {total} steps, run dir {run_dir}", flush=True)
     _maybe_resume(run, ckpt)
     dist.barrier()
+    from dsclip.watchdog import Watchdog
+
+    run.watchdog = Watchdog(run_dir, ctx.rank, ctx.world, cfg.run.dist_timeout)
+    run.watchdog.beat(run.state.step)
     return run
 
 
@@ -211,6 +218,14 @@ def _maybe_resume(run: Run, ckpt) -> None:
         return
     if cfg.run.resume == "latest":
         ckpt_dir, tag = run.ckpt_dir, None
+        if cfg.run.remote_sync and ckpt.resolve_tag(ckpt_dir) is None:
+            import torch.distributed as dist
+
+            if run.ctx.is_main:  # a fresh pod: fetch the run from object storage
+                fetched = ckpt.download_latest(cfg.run.remote_sync, ckpt_dir)
+                if fetched:
+                    print(f"[dsclip] downloaded {fetched} from {cfg.run.remote_sync}", flush=True)
+            dist.barrier()
     else:
         ckpt_dir, tag = ckpt.locate(cfg.run.resume)
     tag = ckpt.resolve_tag(ckpt_dir, tag)
@@ -220,8 +235,15 @@ def _maybe_resume(run: Run, ckpt) -> None:
                 print(f"[dsclip] no checkpoint in {ckpt_dir} yet; starting from scratch", flush=True)
             return
         raise ConfigError(f"no complete checkpoint in {ckpt_dir}; pass another --resume path")
+    saved_world = ckpt.read_meta(os.path.join(ckpt_dir, tag)).get("world_size", run.ctx.world)
+    if saved_world != run.ctx.world and run.meta["zero_stage"] > 0:
+        raise ConfigError(f"{tag} was saved by {saved_world} ranks but this job has {run.ctx.world}; ZeRO optimizer "
+                          f"shards do not re-split by themselves: resume with {saved_world} ranks, or start a new run "
+                          f"with --pretrained {os.path.join(ckpt_dir, tag)}")
     client = ckpt.load_checkpoint(run.engine, ckpt_dir, tag, run.ctx.rank)
     run.state = TrainState(client["step"], client["epoch"], client["batch_in_epoch"], client["samples_seen"])
+    if run.guards is not None and client.get("guards"):
+        run.guards.load_state_dict(client["guards"])  # keeps the forgetting baseline and the best value
     run.last_saved_step = run.state.step
     if run.ctx.is_main:
         print(f"[dsclip] resumed {tag} from {ckpt_dir}: step {run.state.step}, epoch {run.state.epoch}, "
@@ -274,6 +296,7 @@ def after_step(run: Run, meter: "_Meter") -> bool:
     from dsclip.model import clamp_logit_scale
 
     cfg, s = run.cfg, run.state
+    run.watchdog.beat(s.step)
     clamp_logit_scale(run.engine.module, LN_100)
     if s.step % cfg.run.log_every_n_steps == 0 or s.step == run.total_steps:
         meter.report()
@@ -294,7 +317,8 @@ def evaluate(run: Run, epoch_end: bool, baseline: bool = False) -> bool:
     s = run.state
     if not baseline and not run.evaluator.should_run(epoch_end, s.epoch, s.step):
         return False
-    metrics = run.evaluator.run(run.engine, s.step, s.epoch)
+    with _paused(run):
+        metrics = run.evaluator.run(run.engine, s.step, s.epoch)
     if not metrics:
         return False
     run.logger.log(metrics, step=s.step, kind="baseline" if baseline else "eval", epoch=s.epoch)
@@ -313,12 +337,32 @@ def save(run: Run, best: bool = False) -> None:
 
     s = run.state
     if run.last_saved_step != s.step:
-        client = {**s.client_state(), "config": run.cfg.to_dict(mask_secrets=True)}
-        ckpt.save_checkpoint(run.engine, run.ckpt_dir, s.step, client, run.ctx.rank, run.cfg.run.keep_last_n,
-                             run.meta, protect=(_best_tag(run),))
+        client = {**s.client_state(), "config": run.cfg.to_dict(mask_secrets=True),
+                  "guards": run.guards.state_dict() if run.guards is not None else None}
+        with _paused(run):
+            ckpt.save_checkpoint(run.engine, run.ckpt_dir, s.step, client, run.ctx.rank, run.cfg.run.keep_last_n,
+                                 run.meta, protect=(_best_tag(run),))
         run.last_saved_step = s.step
+        if run.cfg.run.remote_sync and run.ctx.is_main:
+            ckpt.upload_checkpoint(run.ckpt_dir, ckpt.tag_for(s.step), run.cfg.run.remote_sync)
     if best and run.ctx.is_main:
         ckpt.atomic_write_text(os.path.join(run.ckpt_dir, "best"), ckpt.tag_for(s.step))
+
+
+class _paused:
+    """Evaluation and checkpointing are not optimizer steps; keep the watchdog quiet meanwhile."""
+
+    def __init__(self, run: Run):
+        self.w = run.watchdog
+
+    def __enter__(self):
+        if self.w is not None:
+            self.w.paused = True
+
+    def __exit__(self, *exc):
+        if self.w is not None:
+            self.w.paused = False
+            self.w.beat(self.w.step)
 
 
 def _best_tag(run: Run) -> str:
@@ -332,6 +376,7 @@ def finish(run: Run) -> dict[str, Any]:
     from dsclip.export import export, verify_export
 
     save(run)
+    run.watchdog.paused = True  # export and verification are not steps
     final = os.path.join(run.run_dir, "final.safetensors")
     probe = _probe_embeddings(run)  # collective under ZeRO-3: every rank runs it
     if run.ctx.is_main:
@@ -339,9 +384,34 @@ def finish(run: Run) -> dict[str, Any]:
         diff = verify_export(final, run.bundle.name, run.cfg, probe, os.path.join(run.run_dir, "export_check.pt"))
         print(f"[dsclip] done: {run.state.step} steps; weights {final} (open_clip reload matches the engine: "
               f"max abs diff {diff:.2e})", flush=True)
+        if run.cfg.eval.wise_ft_alphas:
+            _wiseft_after_training(run, final)
     dist.barrier()
+    run.watchdog.close()
     run.logger.close()
     return {"run_dir": run.run_dir, "final": final, "step": run.state.step}
+
+
+def _wiseft_after_training(run: Run, final: str) -> None:
+    """``--wise-ft-alphas``: ensemble the starting weights with the fine-tuned ones (rank 0 only;
+    plain single-process evaluation, no collectives)."""
+    import open_clip
+    from safetensors.torch import load_file
+
+    from dsclip.evaluate import Evaluator
+    from dsclip.wiseft import load_weights, parse_alphas, run_wiseft_sweep, state_dict_evaluator
+
+    cfg, b = run.cfg, run.bundle
+    force = cfg.model.force_image_size
+    model = open_clip.create_model(b.name, force_image_size=None if not force else
+                                   (force[0] if len(force) == 1 else tuple(force[:2])),
+                                   force_context_length=cfg.model.force_context_length, output_dict=True)
+    evaluator = Evaluator(cfg, b.tokenizer, b.preprocess_val, b.image_size, 0, 1, None, run.ctx.device)
+    out = os.path.join(run.run_dir, "wiseft")
+    result = run_wiseft_sweep(load_weights(cfg.model.pretrained, b.name), load_file(final),
+                              parse_alphas(cfg.eval.wise_ft_alphas),
+                              state_dict_evaluator(model.to(run.ctx.device), evaluator), out)
+    print(f"[dsclip] WiSE-FT sweep in {out}; chosen alpha {result.best.get('alpha')}", flush=True)
 
 
 def _probe_embeddings(run: Run) -> dict[str, Any]:
@@ -425,12 +495,16 @@ def _fmt_eta(seconds: float) -> str:
 
 def _fault_hook(step: int) -> None:
     """``DSCLIP_FAULT=kill_at_step:N`` SIGKILLs ranks (``DSCLIP_FAULT_RANKS``, default all) after
-    step N: a real, deterministic crash for resume tests."""
+    step N: a real, deterministic crash for resume tests; ``hang_at_step:N`` makes them hang."""
     fault = os.environ.get("DSCLIP_FAULT", "")
+    ranks = os.environ.get("DSCLIP_FAULT_RANKS")
+    if ranks is not None and os.environ.get("RANK", "0") not in ranks.split(","):
+        return
     if fault == f"kill_at_step:{step}":
-        ranks = os.environ.get("DSCLIP_FAULT_RANKS")
-        if ranks is None or os.environ.get("RANK", "0") in ranks.split(","):
-            os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+    if fault == f"hang_at_step:{step}":  # a rank that stops responding
+        while True:
+            time.sleep(3600)
 
 
 def _trace_keys(run: Run, batch: dict, index: int) -> None:
