@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from dsclip.loss import ClipLoss, SigLipLoss, build_loss, gather_features
@@ -225,6 +226,12 @@ def _rank_checks(rank: int, world: int) -> dict[str, list[torch.Tensor]]:
         SigLipLoss()(bf_img.float(), bf_txt.float(), *siglip_args).detach(),
         torch.tensor([logits[0].dtype == torch.float32, logits[0].shape == (B_LOCAL, world * B_LOCAL)]),
     ]
+    if world == 4:
+        # Sub-groups {0, 1} and {2, 3}: every rank creates every group, in the same order.
+        groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+        group = groups[rank // 2]
+        out["clip_subgroup"] = _run(ClipLoss(group=group), img, txt, scale)
+        out["siglip_subgroup"] = _run(SigLipLoss(group=group), img, txt, torch.tensor(10.0), bias)
     return out
 
 
@@ -233,10 +240,17 @@ def _dist_results(world: int) -> list[dict[str, list[torch.Tensor]]]:
     return run_ranks(_rank_checks, world, timeout=120)
 
 
-def _check_against_global(results, key, ref_fn, scale, bias=None):
-    """The per-rank results recombine into the global loss (see module docstring)."""
-    world = len(results)
-    img, txt = _batch(world)
+def _check_against_global(results, key, ref_fn, scale, bias=None, ranks_used=None):
+    """The per-rank results recombine into the global loss (see module docstring).
+
+    ``ranks_used`` restricts the check to a sub-group's ranks (and their rows of the batch).
+    """
+    ranks_used = list(range(len(results))) if ranks_used is None else ranks_used
+    world = len(ranks_used)
+    img, txt = (
+        t.reshape(len(results), B_LOCAL, DIM)[ranks_used].reshape(-1, DIM) for t in _batch(len(results))
+    )
+    results = [results[r] for r in ranks_used]
     for dtype in (torch.float64, torch.float32):
         args = [img.to(dtype), txt.to(dtype), scale.to(dtype)] + ([] if bias is None else [bias.to(dtype)])
         want = _run(ref_fn, *args)
@@ -304,3 +318,14 @@ def test_dist_bf16_logits_are_fp32(world):
         assert flags.all()
         assert torch.equal(clip_bf16, clip_upcast)
         assert torch.equal(siglip_bf16, siglip_upcast)  # bf16 texts travel the ring intact
+
+
+@pytest.mark.dist
+def test_dist_subgroups_are_independent():
+    """Two 2-rank sub-groups of a 4-rank world each reproduce their own global loss."""
+    results = _dist_results(4)
+    for ranks_used in ([0, 1], [2, 3]):
+        _check_against_global(results, "clip_subgroup", ref_clip, torch.tensor(14.3), ranks_used=ranks_used)
+        _check_against_global(
+            results, "siglip_subgroup", ref_siglip, torch.tensor(10.0), torch.tensor([-10.0]), ranks_used
+        )
