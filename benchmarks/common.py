@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import platform
 import re
@@ -38,9 +39,10 @@ CONFIGS = ROOT / "ds_configs"
 
 def cpu_model() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor() or "unknown"
@@ -87,7 +89,7 @@ def write_report(out: str | os.PathLike, name: str, title: str, config: dict[str
 
 
 def median(xs: list[float]) -> float:
-    xs = [x for x in xs if x == x]
+    xs = [x for x in xs if not math.isnan(x)]
     return statistics.median(xs) if xs else float("nan")
 
 
@@ -134,14 +136,14 @@ def launch_dsclip(model: str, batch: int, steps: int, zero: str = "zero2", nproc
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
                    "127.0.0.1", "--master_port", str(_free_port()), *wrapper, *args]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, env=_env(threads, env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        proc = subprocess.run(cmd, check=False, cwd=ROOT, env=_env(threads, env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, timeout=timeout)
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
-            raise RuntimeError(f"dsclip run failed ({' '.join(cmd)}):\n{proc.stdout[-4000:]}")
-        records = [json.loads(line) for line in open(os.path.join(tmp, "run", "results.jsonl"))]
+            raise RuntimeError(f"dsclip run failed (exit {proc.returncode}; {' '.join(cmd)}):\n{proc.stdout[-4000:]}")
+        records = [json.loads(line) for line in Path(tmp, "run", "results.jsonl").read_text().splitlines()]
         train = [r for r in records if "samples_per_s" in r]
-        ranks = [json.load(open(os.path.join(stats, f))) for f in sorted(os.listdir(stats))]
+        ranks = [json.loads(Path(stats, f).read_text()) for f in sorted(os.listdir(stats))]
     measured = train[warmup:] or train
     return {"samples_per_s": median([r["samples_per_s"] for r in measured]),
             "samples_per_s_steps": [r["samples_per_s"] for r in train],
@@ -189,11 +191,11 @@ def launch_open_clip(model: str, batch: int, steps: int, threads: int, warmup: i
                 "--lr", "1e-4", "--warmup", "0", "--logs", "none", "--name", "oc", "--seed", "0"]
         code = pre + f"from open_clip_train.main import main; main({argv!r})"
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", code], cwd=tmp, env=_env(threads), stdout=subprocess.PIPE,
+        proc = subprocess.run([sys.executable, "-c", code], check=False, cwd=tmp, env=_env(threads), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, timeout=timeout)
         wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise RuntimeError(f"open_clip_train failed:\n{proc.stdout[-4000:]}")
+        raise RuntimeError(f"open_clip_train failed (exit {proc.returncode}; -9 is SIGKILL, e.g. out of memory):\n{proc.stdout[-4000:]}")
     steps_t = [(float(d), float(b)) for d, b in _OC_LINE.findall(proc.stdout)]
     # the first line is logged at batch 0, after one step: it is the warm-up step
     measured = steps_t[warmup:] or steps_t
@@ -234,7 +236,7 @@ def matmul_peak(shapes: list[tuple[int, int, int]], threads: int, repeats: int =
 # ---------------------------------------------------------------- the instrumenting wrapper (script mode)
 
 def _proc_status_kb(field: str) -> int:
-    for line in open("/proc/self/status"):
+    for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
     return -1

@@ -144,8 +144,8 @@ def hardware() -> dict:
 
 
 def run(smoke: bool, repeats: int) -> dict:
-    n224, per224 = (96, 32) if smoke else (640, 64)
-    n32, per32 = (384, 128) if smoke else (4096, 256)
+    n224, per224 = (64, 32) if smoke else (640, 64)
+    n32, per32 = (256, 128) if smoke else (4096, 256)
     steps = 3 if smoke else 20
     tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=16)
     server = MotoS3()

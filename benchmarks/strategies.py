@@ -121,20 +121,22 @@ def _measure(strategy: str, rank: int, world: int, smoke: bool, batch: int, step
     images = torch.randn(batch, 3, *size, generator=gen)
     texts = torch.randint(1, 1000, (batch, ctx), generator=gen)
 
-    times = []
+    times, cpu_times = [], []
     for i in range(steps + 1):
         dist.barrier()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         image_f, text_f, scale = engine(images, texts)[:3]
         loss = loss_fn(image_f, text_f, scale)
         engine.backward(loss)
         engine.step()
         if i > 0:  # the first step allocates the optimizer state
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
     peak = _status_kib("VmHWM")
     row = {"strategy": strategy, "rank": rank, "trainable_params": trainable, "total_params": total,
            "frozen_tensors": len(frozen), "groups": len(groups), "peak_rss_bytes": peak * 1024,
            "peak_rise_bytes": (peak - base_rss) * 1024, "step_s": statistics.median(times),
+           "cpu_s": statistics.median(cpu_times),
            "loss": float(loss.detach())}
     if hasattr(engine, "destroy"):
         engine.destroy()
@@ -156,12 +158,13 @@ def _merge(per_rank: list[list[dict]]) -> list[dict]:
     for same in zip(*per_rank):
         row = dict(same[0])
         row.pop("rank")
-        for key in ("peak_rss_bytes", "peak_rise_bytes", "step_s"):
+        for key in ("peak_rss_bytes", "peak_rise_bytes", "step_s", "cpu_s"):
             row[key] = max(r[key] for r in same)
         rows.append(row)
     full = next((r for r in rows if r["strategy"] == "full"), None)
     for row in rows:
-        for key, out in (("peak_rss_bytes", "mem_ratio"), ("peak_rise_bytes", "rise_ratio"), ("step_s", "time_ratio")):
+        for key, out in (("peak_rss_bytes", "mem_ratio"), ("peak_rise_bytes", "rise_ratio"), ("step_s", "time_ratio"),
+                         ("cpu_s", "cpu_ratio")):
             row[out] = row[key] / full[key] if full and full[key] else None
     return rows
 
@@ -177,7 +180,7 @@ def _hardware() -> dict:
     return {"cpu_count": os.cpu_count(), "cpu_model": cpu, "mem_total_bytes": int(mem) * 1024,
             "machine": platform.machine(), "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "deepspeed": deepspeed.__version__, "open_clip": open_clip.__version__,
-            "timm": timm.__version__}
+            "timm": timm.__version__, "load_avg_1m_at_end": round(os.getloadavg()[0], 2)}
 
 
 def _ratio(x: float | None) -> str:
@@ -192,16 +195,18 @@ def _markdown(report: dict) -> str:
     setup = (f"Model {cfg['model']} (random init; lit: timm {cfg['lit_trunk']} image tower), {cfg['world']} gloo "
              f"ranks x 1 thread, ZeRO-{cfg['zero_stage']}, fp32, batch {cfg['batch_per_rank']} per rank, local "
              f"InfoNCE, AdamW; step time is the median of {cfg['steps']} steps after a warm-up step (slowest rank); "
-             f"memory is the larger rank's peak RSS{one_pair}.")
-    header = ("| strategy | trainable params | peak RSS / rank | rise over start | s/step | memory vs full "
-              "| rise vs full | time vs full |")
+             f"memory is the larger rank's peak RSS{one_pair}.  CPU s/step is the rank's own CPU time, which other "
+             f"load on the machine disturbs less than wall time (1-minute load average at the end: "
+             f"{hw['load_avg_1m_at_end']} on {hw['cpu_count']} cores).")
+    header = ("| strategy | trainable params | peak RSS / rank | rise over start | s/step | CPU s/step "
+              "| memory vs full | rise vs full | time vs full | CPU time vs full |")
     lines = ["# Fine-tuning strategies: per-rank memory and step time", "", versions, "", setup, "", header,
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
         lines.append(f"| {r['strategy']} | {r['trainable_params'] / 1e6:.1f}M of {r['total_params'] / 1e6:.1f}M | "
                      f"{r['peak_rss_bytes'] / MIB:,.0f} MiB | {r['peak_rise_bytes'] / MIB:,.0f} MiB | "
-                     f"{r['step_s']:.2f} | {_ratio(r['mem_ratio'])} | {_ratio(r['rise_ratio'])} | "
-                     f"{_ratio(r['time_ratio'])} |")
+                     f"{r['step_s']:.2f} | {r['cpu_s']:.2f} | {_ratio(r['mem_ratio'])} | {_ratio(r['rise_ratio'])} | "
+                     f"{_ratio(r['time_ratio'])} | {_ratio(r['cpu_ratio'])} |")
     lines.append("")
     return "\n".join(lines)
 

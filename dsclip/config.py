@@ -42,11 +42,11 @@ class ModelConfig:
     pretrained: str = opt("", "pretrained tag (e.g. laion2b_s34b_b79k) or a local .pt/.bin/.safetensors file, "
                           "open_clip checkpoint, dsclip export or DeepSpeed checkpoint dir")
     pretrained_image: str = opt("", "LiT: timm model name or local timm checkpoint for the image tower")
-    force_image_size: Optional[list] = opt(None, "train at this image size (H [W]); interpolates the "
+    force_image_size: list | None = opt(None, "train at this image size (H [W]); interpolates the "
                                            "visual positional embedding", nargs="+", metavar="H [W]")
-    force_context_length: Optional[int] = opt(None, "text context length; interpolates the text "
+    force_context_length: int | None = opt(None, "text context length; interpolates the text "
                                               "positional embedding")
-    force_patch_dropout: Optional[float] = opt(None, "patch dropout during training (FLIP); off at eval")
+    force_patch_dropout: float | None = opt(None, "patch dropout during training (FLIP); off at eval")
     grad_checkpointing: bool = opt(False, "activation checkpointing in both towers")
     trust_checkpoint: bool = opt(False, "allow pickled (non weights_only) checkpoints; only for files you trust")
     zero_init: str = opt("auto", "build the model inside deepspeed.zero.Init under ZeRO-3",
@@ -59,15 +59,15 @@ class DataConfig:
                           "synthetic; join several sources with '::'")
     val_data: str = opt("", "validation data, same forms as --train-data")
     dataset_type: str = opt("auto", "data source kind", choices=("auto", "synthetic", "webdataset", "csv"))
-    train_num_samples: Optional[int] = opt(None, "samples per epoch (default: sizes.json/__len__, or 1024 "
+    train_num_samples: int | None = opt(None, "samples per epoch (default: sizes.json/__len__, or 1024 "
                                            "for synthetic)")
-    val_num_samples: Optional[int] = opt(None, "validation samples (default: sizes.json, or 256 for synthetic)")
-    train_data_upsampling_factors: Optional[str] = opt(None, "per-source weights for '::'-joined "
+    val_num_samples: int | None = opt(None, "validation samples (default: sizes.json, or 256 for synthetic)")
+    train_data_upsampling_factors: str | None = opt(None, "per-source weights for '::'-joined "
                                                        "--train-data, e.g. 1::0.5 (needs --dataset-resampled)")
     dataset_resampled: bool = opt(False, "sample shards with replacement")
     workers: int = opt(1, "data loader workers per rank")
     shuffle_buffer: int = opt(1000, "sample shuffle buffer size (webdataset)")
-    s3_endpoint_url: Optional[str] = opt(None, "S3 endpoint (default: AWS_ENDPOINT_URL)")
+    s3_endpoint_url: str | None = opt(None, "S3 endpoint (default: AWS_ENDPOINT_URL)")
     allow_pipe_urls: bool = opt(False, "accept pipe: URLs, which run a shell command")
     max_skip_fraction: float = opt(0.01, "stop when more than this fraction of samples is unreadable")
     shard_retries: int = opt(5, "retries per shard on transient storage errors before it is skipped")
@@ -75,7 +75,7 @@ class DataConfig:
     csv_img_key: str = opt("filepath", "CSV column holding the image path")
     csv_caption_key: str = opt("title", "CSV column holding the caption")
     csv_separator: str = opt("\t", "CSV separator")
-    synthetic_image_size: Optional[int] = opt(None, "synthetic data image size (default: model's)")
+    synthetic_image_size: int | None = opt(None, "synthetic data image size (default: model's)")
 
 
 @dataclass
@@ -85,23 +85,23 @@ class OptimConfig:
     accum_mode: str = opt("contrastive", "contrastive: K micro batches act as one batch K times larger, with "
                           "all negatives (feature caching); plain: DeepSpeed's per-micro-batch accumulation",
                           choices=("contrastive", "plain"))
-    epochs: Optional[int] = opt(None, "number of epochs (default: the strategy's recommendation)")
-    max_steps: Optional[int] = opt(None, "stop after this many optimizer steps (default: epochs)")
-    lr: Optional[float] = opt(None, "base learning rate (default: the strategy's recommendation)")
+    epochs: int | None = opt(None, "number of epochs (default: the strategy's recommendation)")
+    max_steps: int | None = opt(None, "stop after this many optimizer steps (default: epochs)")
+    lr: float | None = opt(None, "base learning rate (default: the strategy's recommendation)")
     wd: float = opt(0.2, "weight decay")
     beta1: float = opt(0.9, "Adam beta1")
     beta2: float = opt(0.98, "Adam beta2")
     eps: float = opt(1e-6, "Adam epsilon")
-    warmup: Optional[int] = opt(None, "warmup steps (default: the strategy's recommendation)")
+    warmup: int | None = opt(None, "warmup steps (default: the strategy's recommendation)")
     lr_scheduler: str = opt("cosine", "LR schedule after warmup", choices=("cosine", "const", "const-cooldown"))
-    epochs_cooldown: Optional[int] = opt(None, "const-cooldown: epochs of cooldown at the end")
+    epochs_cooldown: int | None = opt(None, "const-cooldown: epochs of cooldown at the end")
     lr_cooldown_power: float = opt(1.0, "const-cooldown: power of the cooldown decay")
     lr_cooldown_end: float = opt(0.0, "const-cooldown: final lr")
-    grad_clip_norm: Optional[float] = opt(None, "clip gradients to this global norm")
-    image_lr: Optional[float] = opt(None, "learning rate of the image tower (default: --lr)")
-    text_lr: Optional[float] = opt(None, "learning rate of the text tower (default: --lr)")
-    image_wd: Optional[float] = opt(None, "weight decay of the image tower (default: --wd)")
-    text_wd: Optional[float] = opt(None, "weight decay of the text tower (default: --wd)")
+    grad_clip_norm: float | None = opt(None, "clip gradients to this global norm")
+    image_lr: float | None = opt(None, "learning rate of the image tower (default: --lr)")
+    text_lr: float | None = opt(None, "learning rate of the text tower (default: --lr)")
+    image_wd: float | None = opt(None, "weight decay of the image tower (default: --wd)")
+    text_wd: float | None = opt(None, "weight decay of the text tower (default: --wd)")
     image_layer_decay: float = opt(1.0, "layer-wise lr decay of the image tower (EVA-CLIP style)")
     text_layer_decay: float = opt(1.0, "layer-wise lr decay of the text tower")
     wd_exclude: list = opt([], "extra parameter-name globs with no weight decay", nargs="*")
@@ -128,7 +128,7 @@ class LossConfig:
     local_loss: bool = opt(True, "each rank computes logits for its own rows only (O(b*B) memory)")
     gather_with_grad: bool = opt(True, "let gradients flow through the feature all-gather")
     siglip: bool = opt(False, "sigmoid (SigLIP) loss instead of InfoNCE")
-    loss_chunk_size: Optional[int] = opt(None, "compute the logits in chunks of this many rows")
+    loss_chunk_size: int | None = opt(None, "compute the logits in chunks of this many rows")
 
 
 @dataclass
@@ -143,8 +143,8 @@ class EvalConfig:
     forget_threshold: float = opt(5.0, "warn when zero-shot top-1 falls this many points below baseline")
     early_stop: str = opt("off", "stop training when a guard fires",
                           choices=("off", "overfit", "forget", "any"))
-    keep_best: Optional[str] = opt(None, "keep the best checkpoint by this logged metric (prefix - to minimise)")
-    wise_ft_alphas: Optional[str] = opt(None, "after training, run a WiSE-FT sweep over these alphas (e.g. 0:1:0.1)")
+    keep_best: str | None = opt(None, "keep the best checkpoint by this logged metric (prefix - to minimise)")
+    wise_ft_alphas: str | None = opt(None, "after training, run a WiSE-FT sweep over these alphas (e.g. 0:1:0.1)")
 
 
 @dataclass
@@ -152,8 +152,8 @@ class RunConfig:
     # torchrun's own parser grabs `--logs` as an abbreviation of its --logs-specs: use --logs-dir there
     logs: str = opt("./logs", "where run directories go (alias --logs-dir, which torchrun leaves alone)",
                     aliases=("--logs-dir",))
-    name: Optional[str] = opt(None, "run name (default: a timestamp)")
-    resume: Optional[str] = opt(None, "resume from a checkpoint path or 'latest'")
+    name: str | None = opt(None, "run name (default: a timestamp)")
+    resume: str | None = opt(None, "resume from a checkpoint path or 'latest'")
     precision: str = opt("auto", "numeric precision (auto: bf16 on GPUs that support it, else fp32)",
                          choices=("auto", "fp32", "bf16", "fp16"))
     seed: int = opt(0, "random seed")
@@ -162,12 +162,13 @@ class RunConfig:
     keep_last_n: int = opt(2, "keep the last N checkpoints")
     log_every_n_steps: int = opt(10, "progress line every N optimizer steps")
     report_to: str = opt("tensorboard", "comma list of tensorboard, wandb ('' for none)")
-    ds_config: Optional[str] = opt(None, "DeepSpeed JSON config (default: built-in ZeRO-2)",
+    ds_config: str | None = opt(None, "DeepSpeed JSON config (default: built-in ZeRO-2)",
                                    flag="--ds_config", aliases=("--deepspeed_config", "--ds-config"))
     local_rank: int = opt(-1, "set by the deepspeed launcher", flag="--local_rank", aliases=("--local-rank",))
     dist_timeout: float = opt(300.0, "seconds before a stuck collective aborts the job")
-    remote_sync: Optional[str] = opt(None, "upload each completed checkpoint to this s3:// prefix")
-    threads: Optional[int] = opt(None, "torch CPU threads per rank (default: cores / local ranks)")
+    remote_sync: str | None = opt(None, "upload each completed checkpoint to this s3:// prefix")
+    memory_check: bool = opt(True, "refuse up front when `dsclip plan`'s estimate exceeds this rank's memory")
+    threads: int | None = opt(None, "torch CPU threads per rank (default: cores / local ranks)")
 
 
 @dataclass
@@ -219,7 +220,7 @@ def _field_type(f: dataclasses.Field) -> tuple[type, bool]:
     """(base type, optional) of a dataclass field, resolving string annotations."""
     hint = f.type
     if isinstance(hint, str):
-        hint = eval(hint, {"Optional": Optional, "list": list, "dict": dict})  # noqa: S307 - our own annotations
+        hint = eval(hint, {"Optional": Optional, "list": list, "dict": dict})
     optional = False
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):

@@ -1,8 +1,9 @@
 """``dsclip demo``: the whole fine-tuning story in one command, on generated data.
 
-1. Draws a small captioned dataset with two visual domains: A, "photos" (filled shapes on a
-   light background), and B, "negatives" (the same photos with inverted colours and film grain).  Nothing is
-   downloaded.  Training data goes to WebDataset shards, zero-shot sets to class folders.
+1. Draws a small captioned dataset with two visual domains: A, "photos" (filled coloured
+   shapes on a light background), and B, "negatives" (the same photos with inverted colours and
+   film grain).  Nothing is downloaded.  Training data goes to WebDataset shards, zero-shot
+   sets to class folders.
 2. Trains a tiny CLIP from scratch on A: the stand-in for a pretrained model.
 3. Fine-tunes it on B under ZeRO-2 with the real trainer (``torchrun`` over every local GPU, or
    two gloo ranks on CPU), evaluating zero-shot accuracy on A and B before and after.
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import socket
@@ -37,8 +37,14 @@ TINY_MODEL = {
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
 }
 # complementary pairs, so a negative of one colour looks like another class
-COLOURS = {"red": (225, 35, 35), "green": (35, 190, 50), "blue": (45, 70, 225),
-           "cyan": (30, 220, 220), "magenta": (220, 65, 205), "yellow": (210, 185, 30)}
+COLOURS = {
+    "red": (225, 35, 35),
+    "green": (35, 190, 50),
+    "blue": (45, 70, 225),
+    "cyan": (30, 220, 220),
+    "magenta": (220, 65, 205),
+    "yellow": (210, 185, 30),
+}
 SHAPES = ("circle", "square")
 DOMAINS = {"A": "photo", "B": "negative"}
 IMAGE_SIZE = 32
@@ -55,7 +61,7 @@ class DemoSizes:
     batch_size: int = 16
 
 
-FULL = DemoSizes(train_a=2048, train_b=768, eval_per_class=20, base_epochs=4, ft_epochs=3)
+FULL = DemoSizes(train_a=1536, train_b=512, eval_per_class=20, base_epochs=3, ft_epochs=3)
 QUICK = DemoSizes(train_a=1536, train_b=512, eval_per_class=12, base_epochs=3, ft_epochs=3)
 
 
@@ -99,7 +105,12 @@ def train_samples(domain: str, n: int, seed: int) -> Iterator[tuple[str, Image.I
     cls = classes()
     for i in range(n):
         colour, shape = cls[rng.randrange(len(cls))]
-        yield f"{domain}{i:06d}", draw(colour, shape, domain, rng), caption(colour, shape, domain), {"domain": domain}
+        yield (
+            f"{domain}{i:06d}",
+            draw(colour, shape, domain, rng),
+            caption(colour, shape, domain),
+            {"domain": domain},
+        )
 
 
 def write_zeroshot_set(root: str, domain: str, per_class: int, seed: int) -> str:
@@ -130,9 +141,12 @@ def make_dataset(data_dir: str, sizes: DemoSizes, seed: int, log=print) -> dict[
         paths[f"n_{domain}"] = str(summary.samples)
         log(f"[demo] {summary.line(out)}")
         paths[f"eval_{domain}"] = write_zeroshot_set(
-            os.path.join(data_dir, f"eval_{domain}"), domain, sizes.eval_per_class, seed)
-    log(f"[demo] zero-shot sets: {len(classes())} classes x {sizes.eval_per_class} images per domain in "
-        f"{data_dir}/eval_A (photos) and {data_dir}/eval_B (negatives)")
+            os.path.join(data_dir, f"eval_{domain}"), domain, sizes.eval_per_class, seed
+        )
+    log(
+        f"[demo] zero-shot sets: {len(classes())} classes x {sizes.eval_per_class} images per domain in "
+        f"{data_dir}/eval_A (photos) and {data_dir}/eval_B (negatives)"
+    )
     return paths
 
 
@@ -161,8 +175,19 @@ def launch_train(args: list[str], nproc: int, log=print) -> None:
     import torch
 
     train_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), train_py, *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        train_py,
+        *args,
+    ]
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
@@ -176,7 +201,7 @@ def launch_train(args: list[str], nproc: int, log=print) -> None:
                 log("    " + line)
         code = proc.wait()
     if code != 0:
-        raise RuntimeError("training failed (exit code %d); last output:\n%s" % (code, "\n".join(tail)))
+        raise RuntimeError(f"training failed (exit code {code}); last output:\n" + "\n".join(tail))
 
 
 def read_records(run_dir: str) -> list[dict]:
@@ -202,8 +227,11 @@ def zeroshot_before_after(run_dir: str) -> tuple[dict[str, float], dict[str, flo
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dsclip demo", description="End-to-end CLIP fine-tuning demo on generated "
-                                "data: pretrain on photos, fine-tune on negatives (ZeRO-2), WiSE-FT sweep.")
+    p = argparse.ArgumentParser(
+        prog="dsclip demo",
+        description="End-to-end CLIP fine-tuning demo on generated "
+        "data: pretrain on photos, fine-tune on negatives (ZeRO-2), WiSE-FT sweep.",
+    )
     p.add_argument("--out", default="./dsclip-demo", help="work directory (default: ./dsclip-demo)")
     p.add_argument("--quick", action="store_true", help="smaller data and fewer steps (for tests)")
     p.add_argument("--nproc", type=int, default=None, help="ranks (default: local GPUs, or 2 CPU ranks)")
@@ -214,10 +242,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def common_train_args(sizes: DemoSizes, model_json: str, logs: str, seed: int) -> list[str]:
-    return ["--model", model_json, "--dataset-type", "webdataset",
-            "--batch-size", str(sizes.batch_size), "--wd", "0.1", "--precision", "fp32", "--workers", "1",
-            "--logs-dir", logs, "--val-frequency", "0", "--log-every-n-steps", "20", "--seed", str(seed),
-            "--save-frequency", "0", "--keep-last-n", "1"]
+    return [
+        "--model",
+        model_json,
+        "--dataset-type",
+        "webdataset",
+        "--batch-size",
+        str(sizes.batch_size),
+        "--wd",
+        "0.1",
+        "--precision",
+        "fp32",
+        "--workers",
+        "1",
+        "--logs-dir",
+        logs,
+        "--val-frequency",
+        "0",
+        "--log-every-n-steps",
+        "20",
+        "--seed",
+        str(seed),
+        "--save-frequency",
+        "0",
+        "--keep-last-n",
+        "1",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,16 +300,54 @@ def main(argv: list[str] | None = None) -> int:
         common = common_train_args(sizes, model_json, logs, args.seed)
 
         step(f"2/4 training the base model on photos (A) from scratch, {nproc} rank(s)")
-        launch_train([*common, "--name", "base", "--train-data", paths["train_A"],
-                      "--train-num-samples", paths["n_A"], "--epochs", str(sizes.base_epochs),
-                      "--lr", "2e-3", "--warmup", "20", "--zeroshot-frequency", "0", "--no-baseline-eval"],
-                     nproc)
+        launch_train(
+            [
+                *common,
+                "--name",
+                "base",
+                "--train-data",
+                paths["train_A"],
+                "--train-num-samples",
+                paths["n_A"],
+                "--epochs",
+                str(sizes.base_epochs),
+                "--lr",
+                "2e-3",
+                "--warmup",
+                "20",
+                "--zeroshot-frequency",
+                "0",
+                "--no-baseline-eval",
+            ],
+            nproc,
+        )
         base_weights = os.path.join(logs, "base", "final.safetensors")
 
         step("3/4 fine-tuning the base model on negatives (B) under ZeRO-2, zero-shot eval on A and B")
-        launch_train([*common, "--name", "finetune", "--pretrained", base_weights, "--train-data", paths["train_B"],
-                      "--train-num-samples", paths["n_B"], "--epochs", str(sizes.ft_epochs), "--lr", "5e-4",
-                      "--warmup", "10", "--zeroshot-data", zs_data, "--zeroshot-frequency", "1"], nproc)
+        launch_train(
+            [
+                *common,
+                "--name",
+                "finetune",
+                "--pretrained",
+                base_weights,
+                "--train-data",
+                paths["train_B"],
+                "--train-num-samples",
+                paths["n_B"],
+                "--epochs",
+                str(sizes.ft_epochs),
+                "--lr",
+                "5e-4",
+                "--warmup",
+                "10",
+                "--zeroshot-data",
+                zs_data,
+                "--zeroshot-frequency",
+                "1",
+            ],
+            nproc,
+        )
         ft_dir = os.path.join(logs, "finetune")
         ft_weights = os.path.join(ft_dir, "final.safetensors")
         before, after = zeroshot_before_after(ft_dir)
@@ -268,10 +356,30 @@ def main(argv: list[str] | None = None) -> int:
         from . import wiseft
 
         wise_dir = os.path.join(out, "wiseft")
-        code = wiseft.main(["--zeroshot", base_weights, "--finetuned", ft_weights, "--alphas", "0:1:0.25",
-                            "--zeroshot-data", zs_data, "--model", model_json, "--out", wise_dir,
-                            "--id-metric", "zeroshot/B/top1", "--ood-metrics", "zeroshot/A/top1",
-                            "--workers", "0", "--device", "cpu"])
+        code = wiseft.main(
+            [
+                "--zeroshot",
+                base_weights,
+                "--finetuned",
+                ft_weights,
+                "--alphas",
+                "0:1:0.25",
+                "--zeroshot-data",
+                zs_data,
+                "--model",
+                model_json,
+                "--out",
+                wise_dir,
+                "--id-metric",
+                "zeroshot/B/top1",
+                "--ood-metrics",
+                "zeroshot/A/top1",
+                "--workers",
+                "0",
+                "--device",
+                "cpu",
+            ]
+        )
         if code:
             raise RuntimeError(f"the WiSE-FT sweep failed (exit code {code})")
         with open(os.path.join(wise_dir, "results.jsonl")) as fh:
@@ -285,36 +393,49 @@ def main(argv: list[str] | None = None) -> int:
     print(report(before, after, sweep, best, time.time() - start))
     print(where(out, logs, wise_dir, best))
     if after["B"] <= before["B"]:
-        raise RuntimeError(f"fine-tuning on negatives did not raise their zero-shot accuracy "
-                           f"({100 * before['B']:.1f}% -> {100 * after['B']:.1f}%); see {ft_dir}")
+        raise RuntimeError(
+            f"fine-tuning on negatives did not raise their zero-shot accuracy "
+            f"({100 * before['B']:.1f}% -> {100 * after['B']:.1f}%); see {ft_dir}"
+        )
     return 0
 
 
-def report(before: dict[str, float], after: dict[str, float], sweep: list[dict], best: dict, seconds: float) -> str:
+def report(
+    before: dict[str, float], after: dict[str, float], sweep: list[dict], best: dict, seconds: float
+) -> str:
     chance = 100 / len(classes())
-    lines = ["", f"== results ({seconds:.0f}s; {len(classes())} classes, chance {chance:.1f}%)",
-             f"{'zero-shot top-1':<24}{'A: photos':>11}{'B: negatives':>13}",
-             f"{'base (trained on A)':<24}{100 * before['A']:10.1f}%{100 * before['B']:12.1f}%",
-             f"{'fine-tuned on B':<24}{100 * after['A']:10.1f}%{100 * after['B']:12.1f}%",
-             "", "WiSE-FT: weights = (1 - alpha) * base + alpha * fine-tuned",
-             f"{'alpha':>6}{'A: photos':>11}{'B: negatives':>13}"]
+    lines = [
+        "",
+        f"== results ({seconds:.0f}s; {len(classes())} classes, chance {chance:.1f}%)",
+        f"{'zero-shot top-1':<24}{'A: photos':>11}{'B: negatives':>13}",
+        f"{'base (trained on A)':<24}{100 * before['A']:10.1f}%{100 * before['B']:12.1f}%",
+        f"{'fine-tuned on B':<24}{100 * after['A']:10.1f}%{100 * after['B']:12.1f}%",
+        "",
+        "WiSE-FT: weights = (1 - alpha) * base + alpha * fine-tuned",
+        f"{'alpha':>6}{'A: photos':>11}{'B: negatives':>13}",
+    ]
     for r in sweep:
         mark = "  <- chosen" if r["alpha"] == best["alpha"] else ""
-        lines.append(f"{r['alpha']:6.2f}{100 * r['zeroshot/A/top1']:10.1f}%{100 * r['zeroshot/B/top1']:12.1f}%{mark}")
+        lines.append(
+            f"{r['alpha']:6.2f}{100 * r['zeroshot/A/top1']:10.1f}%{100 * r['zeroshot/B/top1']:12.1f}%{mark}"
+        )
     return "\n".join(lines)
 
 
 def where(out: str, logs: str, wise_dir: str, best: dict) -> str:
-    return "\n".join([
-        "", "== where things are",
-        f"work dir        {out}",
-        f"base run        {logs}/base",
-        f"fine-tune run   {logs}/finetune  (results.jsonl, params.yaml, checkpoints/)",
-        f"exports         {logs}/base/final.safetensors, {logs}/finetune/final.safetensors,",
-        f"                {best.get('weights')}",
-        f"WiSE-FT plot    {wise_dir}/wiseft.png  (table: {wise_dir}/wiseft.csv)",
-        f"TensorBoard     tensorboard --logdir {logs}",
-    ])
+    return "\n".join(
+        [
+            "",
+            "== where things are",
+            f"work dir        {out}",
+            f"base run        {logs}/base",
+            f"fine-tune run   {logs}/finetune  (results.jsonl, params.yaml, checkpoints/)",
+            f"exports         {logs}/base/final.safetensors, {logs}/finetune/final.safetensors,",
+            f"                {best.get('weights')}",
+            f"WiSE-FT plot    {wise_dir}/wiseft.png  (table: {wise_dir}/wiseft.csv)",
+            f"TensorBoard     tensorboard --logdir {logs}",
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def setup_distributed(cfg: Config) -> DistContext:
             raise ConfigError("srun without torchrun: export MASTER_ADDR (the first node, e.g. from "
                               "`scontrol show hostnames $SLURM_JOB_NODELIST | head -1`) and MASTER_PORT")
         os.environ.setdefault("MASTER_PORT", "29500")
-    local_rank = cfg.run.local_rank if cfg.run.local_rank >= 0 else int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = cfg.run.local_rank if cfg.run.local_rank >= 0 else int(os.environ.get("LOCAL_RANK", "0"))
     os.environ["LOCAL_RANK"] = str(local_rank)
     single = "WORLD_SIZE" not in os.environ
     if single:  # plain `python dsclip/train.py`: a world of one
@@ -84,7 +84,7 @@ def setup_distributed(cfg: Config) -> DistContext:
     acc = get_accelerator()
     on_gpu = acc.device_name() != "cpu"
     backend = acc.communication_backend_name() if on_gpu else "gloo"
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
     if not on_gpu:
         threads = cfg.run.threads or max(1, (os.cpu_count() or 1) // max(1, local_world))
         torch.set_num_threads(threads)

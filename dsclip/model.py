@@ -11,15 +11,30 @@ Anything that reads DeepSpeed's own flat buffers (consolidated checkpoints) goes
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from .config import Config, ConfigError
+
+
+class _QuietRandomInit(logging.Filter):
+    """open_clip warns "No pretrained weights loaded" whenever a model is built without them; dsclip
+    always loads its weights separately, so the warning is only noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+logging.getLogger().addFilter(_QuietRandomInit())
 
 
 @dataclass
@@ -69,9 +84,14 @@ def image_size_of(model: nn.Module) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else tuple(size)
 
 
-def create_model(cfg: Config, device: torch.device | str = "cpu", load_weights: bool = True) -> ModelBundle:
+def create_model(cfg: Config, device: torch.device | str = "cpu", load_weights: bool = True,
+                 zero3_config: dict | None = None) -> ModelBundle:
     """Build the open_clip model named by ``cfg.model``, load ``--pretrained`` (resizing positional
-    embeddings to a forced image size or context length), and make it DeepSpeed-safe."""
+    embeddings to a forced image size or context length), and make it DeepSpeed-safe.
+
+    With ``zero3_config`` the model is built inside ``deepspeed.zero.Init``: every module is
+    partitioned as soon as it is constructed, so no rank ever holds the whole model, and weights
+    are loaded module by module from rank 0."""
     import open_clip
 
     m = cfg.model
@@ -81,11 +101,29 @@ def create_model(cfg: Config, device: torch.device | str = "cpu", load_weights: 
         force_size = m.force_image_size[0] if len(m.force_image_size) == 1 else tuple(m.force_image_size[:2])
     kwargs: dict[str, Any] = dict(force_image_size=force_size, force_context_length=m.force_context_length,
                                   force_patch_dropout=m.force_patch_dropout, output_dict=True)
-    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        name, pretrained=None, device="cpu", **kwargs)
+    if m.pretrained or not load_weights:  # CLIP weights replace a HF text tower's own: don't download them
+        kwargs["pretrained_text"] = False
     notes: list[str] = []
-    if load_weights and m.pretrained:
-        notes += load_pretrained(model, name, m.pretrained, trust=m.trust_checkpoint)
+    if zero3_config is not None:
+        import deepspeed
+
+        with _promote_scalars_at_init(), deepspeed.zero.Init(config_dict_or_path=zero3_config):
+            model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+                name, pretrained=None, device="cpu", **kwargs)
+        notes.append("built partitioned (deepspeed.zero.Init)")
+        if load_weights and m.pretrained:
+            notes += load_pretrained_partitioned(model, name, m.pretrained, m.trust_checkpoint, kwargs)
+        if load_weights and m.pretrained_image:
+            notes += _load_image_tower_partitioned(model, m.pretrained_image, m.trust_checkpoint)
+    else:
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            name, pretrained=None, device="cpu", **kwargs)
+        if load_weights and m.pretrained:
+            notes += load_pretrained(model, name, m.pretrained, trust=m.trust_checkpoint)
+        if load_weights and m.pretrained_image:  # LiT: ImageNet weights for the image tower
+            from .pretrained import load_pretrained_image
+
+            notes += load_pretrained_image(model, m.pretrained_image, trust=m.trust_checkpoint)
     if m.grad_checkpointing:
         model.set_grad_checkpointing(True)
     built_cfg = model_config(name) if not name.startswith(("hf-hub:", "local-dir:")) else {}
@@ -94,7 +132,8 @@ def create_model(cfg: Config, device: torch.device | str = "cpu", load_weights: 
             built_cfg["vision_cfg"]["image_size"] = force_size if isinstance(force_size, int) else list(force_size)
         if m.force_context_length:
             built_cfg["text_cfg"]["context_length"] = m.force_context_length
-    promote_scalar_params(model)
+    if zero3_config is None:
+        promote_scalar_params(model)
     tokenizer = open_clip.get_tokenizer(name, context_length=m.force_context_length) \
         if m.force_context_length else open_clip.get_tokenizer(name)
     return ModelBundle(model.to(device), name, built_cfg, preprocess_train, preprocess_val, tokenizer,
@@ -103,8 +142,8 @@ def create_model(cfg: Config, device: torch.device | str = "cpu", load_weights: 
 
 def load_pretrained(model: nn.Module, name: str, spec: str, trust: bool = False) -> list[str]:
     """Load weights from any supported source into ``model`` (before promotion); returns notes."""
-    from .pretrained import check_state_dict, load_pretrained_state_dict
     from .posembed import resize_state_dict_pos_embeds
+    from .pretrained import check_state_dict, load_pretrained_state_dict
 
     sd = load_pretrained_state_dict(spec, name, trust=trust)
     sd = to_open_clip_shapes(sd, model.state_dict())
@@ -113,6 +152,109 @@ def load_pretrained(model: nn.Module, name: str, spec: str, trust: bool = False)
     check_state_dict(model, sd)
     model.load_state_dict(sd, strict=True)
     return notes
+
+
+def _rank0_state_dict(name: str, spec: str, trust: bool, create_kwargs: dict) -> tuple[dict, list[str]]:
+    """Read, reshape, resize and check a checkpoint against a shapes-only (meta) model."""
+    import open_clip
+
+    from .posembed import resize_state_dict_pos_embeds
+    from .pretrained import check_state_dict, load_pretrained_state_dict
+
+    with torch.device("meta"):
+        ref = open_clip.create_model(name, pretrained=None, device="meta", **create_kwargs)
+    sd = to_open_clip_shapes(load_pretrained_state_dict(spec, name, trust=trust), ref.state_dict())
+    notes = [f"loaded pretrained weights from {spec} (rank 0 reads, module by module)"]
+    notes += resize_state_dict_pos_embeds(sd, ref)
+    check_state_dict(ref, sd)
+    return sd, notes
+
+
+def load_pretrained_partitioned(model: nn.Module, name: str, spec: str, trust: bool,
+                                create_kwargs: dict) -> list[str]:
+    """Load weights into a ZeRO-3 partitioned model: only rank 0 reads the file; each module's
+    parameters are gathered, filled by rank 0, and re-partitioned before the next module."""
+    import deepspeed
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    sd, notes, error = None, [], None
+    if rank == 0:
+        try:
+            sd, notes = _rank0_state_dict(name, spec, trust, create_kwargs)
+        except ConfigError as e:
+            error = str(e)
+    box = [error]
+    dist.broadcast_object_list(box, src=0)  # every rank fails together, not only rank 0
+    if box[0] is not None:
+        raise ConfigError(box[0])
+    persistent = set(model.state_dict().keys()) if rank == 0 else None
+    for mod_name, module in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        params = list(module.named_parameters(recurse=False))
+        if params:
+            with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0):
+                if rank == 0:
+                    with torch.no_grad():
+                        for n, p in params:
+                            p.data.copy_(sd[prefix + n].reshape(p.shape))
+        for n, buf in module.named_buffers(recurse=False):
+            flag = [rank == 0 and prefix + n in persistent and prefix + n in sd]
+            dist.broadcast_object_list(flag, src=0)
+            if flag[0]:
+                if rank == 0:
+                    buf.copy_(sd[prefix + n])
+                dist.broadcast(buf, src=0)
+    return notes
+
+
+def _load_image_tower_partitioned(model: nn.Module, spec: str, trust: bool) -> list[str]:
+    """LiT under ZeRO-3: gather the image tower, let rank 0 load its timm weights, re-partition."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from .pretrained import load_pretrained_image
+
+    notes, error = [], None
+    with deepspeed.zero.GatheredParameters(list(model.visual.parameters()), modifier_rank=0):
+        if dist.get_rank() == 0:
+            try:
+                notes = load_pretrained_image(model, spec, trust=trust)
+            except ConfigError as e:
+                error = str(e)
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise ConfigError(box[0])
+    for buf in model.visual.buffers():  # BatchNorm statistics are not partitioned
+        dist.broadcast(buf, src=0)
+    return notes
+
+
+@contextlib.contextmanager
+def _promote_scalars_at_init():
+    """zero.Init broadcasts each module's parameters as bytes right after its ``__init__``, which
+    fails on 0-dim ones; promote them inside the model's own ``__init__``, before that happens."""
+    import open_clip
+
+    classes = [c for c in (getattr(open_clip, n, None) for n in ("CLIP", "CustomTextCLIP", "CoCa")) if c]
+    saved = {c: c.__init__ for c in classes}
+
+    def wrap(orig):
+        @functools.wraps(orig)
+        def init(self, *args, **kwargs):
+            orig(self, *args, **kwargs)
+            promote_scalar_params(self)
+
+        return init
+
+    for c in classes:
+        c.__init__ = wrap(saved[c])
+    try:
+        yield
+    finally:
+        for c, f in saved.items():
+            c.__init__ = f
 
 
 def to_open_clip_shapes(sd: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

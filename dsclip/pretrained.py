@@ -38,7 +38,6 @@ _DEEPSPEED_SAFE_GLOBALS = {
     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
     "deepspeed.runtime.zero.config.ZeroStageEnum",
     "deepspeed.utils.tensor_fragment.fragment_address",
-    "deepspeed.checkpoint.constants",
     "numpy.core.multiarray._reconstruct",
     "numpy._core.multiarray._reconstruct",
     "numpy.ndarray",
@@ -47,7 +46,6 @@ _DEEPSPEED_SAFE_GLOBALS = {
 }
 # Wrappers that put a prefix in front of every key (DDP, DeepSpeed engines, torch.compile).
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
-_HUB_HOSTS = ("huggingface.co", "openaipublic.azureedge.net")
 
 
 # ---------------------------------------------------------------------------------------------

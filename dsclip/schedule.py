@@ -9,7 +9,7 @@ multiplies it by one shared factor.  Warmup follows open_clip: ``(step + 1) / wa
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 
 def lr_factor_fn(kind: str, warmup: int, total_steps: int, cooldown_steps: int = 0,

@@ -61,6 +61,7 @@ class Run:
     last_saved_step: int = -1
     last_train_loss: float = float("nan")
     watchdog: Any = None
+    rss_at_start: int = 0
 
 
 # ---------------------------------------------------------------- validation (cheap, before any model)
@@ -113,18 +114,29 @@ def setup(cfg: Config) -> Run:
     import torch
     import torch.distributed as dist
 
-    from dsclip import checkpoint as ckpt
     from dsclip.config import save_yaml
     from dsclip.data import build_source
-    from dsclip.engine import (fill_ds_config, initialize_engine, load_ds_config, resolve_precision,
-                               setup_distributed, zero_stage)
+    from dsclip.engine import (
+        fill_ds_config,
+        initialize_engine,
+        load_ds_config,
+        resolve_precision,
+        setup_distributed,
+        zero_stage,
+    )
     from dsclip.loss import build_loss
     from dsclip.model import create_model
     from dsclip.schedule import GroupLR, lr_factor_fn
-    from dsclip.strategies import (apply_strategy, apply_strategy_defaults, describe_param_groups,
-                                   format_param_group_table, param_groups_for)
+    from dsclip.strategies import (
+        apply_strategy,
+        apply_strategy_defaults,
+        describe_param_groups,
+        format_param_group_table,
+        param_groups_for,
+    )
 
     ctx = setup_distributed(cfg)
+    rss_at_start = _memory_kib("VmRSS")  # the framework's own footprint, before any model state
     on_gpu = ctx.device.type != "cpu"
     precision = resolve_precision(cfg, on_gpu)
     notes = apply_strategy_defaults(cfg)
@@ -136,7 +148,12 @@ def setup(cfg: Config) -> Run:
         save_yaml(cfg, os.path.join(run_dir, "params.yaml"))
     torch.manual_seed(cfg.run.seed + ctx.rank)
 
-    bundle = create_model(cfg, ctx.device)
+    ds = fill_ds_config(load_ds_config(cfg.run.ds_config), cfg, ctx.world, precision)
+    if cfg.run.memory_check:
+        _check_memory(cfg, ds, precision, ctx)
+    partitioned = zero_stage(ds) == 3 and cfg.model.zero_init != "off"
+    resume = _find_resume(cfg, ckpt_dir, ctx)
+    bundle = create_model(cfg, ctx.device, load_weights=resume is None, zero3_config=ds if partitioned else None)
     frozen = apply_strategy(bundle.model, cfg)
     groups = param_groups_for(bundle.model, cfg)
     rows = describe_param_groups(bundle.model, groups, frozen)
@@ -147,9 +164,8 @@ def setup(cfg: Config) -> Run:
         with open(os.path.join(run_dir, "param_groups.json"), "w") as fh:
             json.dump(rows, fh, indent=1)
     promoted = getattr(bundle.model, "_dsclip_promoted", [])
-    state_shapes = {k: list(v.shape) for k, v in bundle.model.state_dict().items()}
-    n_trainable = sum(p.numel() for g in groups for p in g["params"])  # before ZeRO partitions them
-    ds = fill_ds_config(load_ds_config(cfg.run.ds_config), cfg, ctx.world, precision)
+    state_keys = list(bundle.model.state_dict().keys())
+    n_trainable = sum(getattr(p, "ds_numel", 0) or p.numel() for g in groups for p in g["params"])
     engine = initialize_engine(bundle.model, groups, ds, on_gpu)
 
     source = build_source(cfg, "train", bundle.preprocess_train, bundle.tokenizer, bundle.image_size,
@@ -172,8 +188,8 @@ def setup(cfg: Config) -> Run:
 
     logger = MetricsLogger(run_dir, cfg.run.report_to, ctx.rank, cfg.to_dict(mask_secrets=True))
     evaluator, guards = _build_eval(cfg, bundle, ctx)
-    meta = {"zero_stage": zero_stage(ds), "param_shapes": {k: state_shapes[k] for k in promoted},
-            "state_keys": list(state_shapes), "model": bundle.name, "model_config": bundle.model_cfg,
+    meta = {"zero_stage": zero_stage(ds), "param_shapes": {k: [] for k in promoted},  # open_clip's 0-dim
+            "state_keys": state_keys, "model": bundle.name, "model_config": bundle.model_cfg,
             "world_size": ctx.world}
     run = Run(cfg, ctx, engine, bundle, source, build_loss(cfg.loss, group=None), lr, logger, evaluator, guards,
               run_dir, ckpt_dir, steps_per_epoch, total, epochs, meta,
@@ -184,13 +200,51 @@ def setup(cfg: Config) -> Run:
         print(f"[dsclip] {ctx.world} rank(s) on {ctx.device.type} ({ctx.backend}), ZeRO-{zero_stage(ds)}, "
               f"{precision}, {n_trainable:,} trainable params, "
               f"{steps_per_epoch} steps/epoch x {epochs} epochs = {total} steps, run dir {run_dir}", flush=True)
-    _maybe_resume(run, ckpt)
+    if resume is not None:
+        _load_resume(run, *resume)
     dist.barrier()
     from dsclip.watchdog import Watchdog
 
+    run.rss_at_start = rss_at_start
     run.watchdog = Watchdog(run_dir, ctx.rank, ctx.world, cfg.run.dist_timeout)
     run.watchdog.beat(run.state.step)
     return run
+
+
+def _memory_kib(field: str) -> int:
+    """A /proc/self/status memory field in KiB (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _check_memory(cfg: Config, ds: dict, precision: str, ctx) -> None:
+    """Refuse, before building anything, a plan whose estimate exceeds this rank's memory."""
+    from dsclip.engine import zero_stage
+    from dsclip.plan import GIB, check_fits
+
+    if ctx.device.type != "cpu":
+        from deepspeed.accelerator import get_accelerator
+
+        budget = get_accelerator().total_memory(ctx.local_rank) / GIB
+    else:
+        budget = _meminfo_kib("MemAvailable") * 1024 / GIB / max(1, ctx.local_world)
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
+    if budget > 0 and not offload:
+        check_fits(cfg, zero_stage(ds), precision, ctx.world, budget)
+
+
+def _meminfo_kib(field: str) -> int:
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
 
 
 def _agreed_name(name: str | None) -> str:
@@ -212,16 +266,19 @@ def _build_eval(cfg: Config, bundle, ctx):
                       None, ctx.device), Guards(cfg.eval))
 
 
-def _maybe_resume(run: Run, ckpt) -> None:
-    cfg = run.cfg
-    if not cfg.run.resume:
-        return
-    if cfg.run.resume == "latest":
-        ckpt_dir, tag = run.ckpt_dir, None
-        if cfg.run.remote_sync and ckpt.resolve_tag(ckpt_dir) is None:
-            import torch.distributed as dist
+def _find_resume(cfg: Config, ckpt_dir: str, ctx) -> tuple[str, str] | None:
+    """(checkpoints dir, tag) to resume from, or None for a fresh start.  Runs before the model is
+    built: a resumed run takes its weights from the checkpoint, never from --pretrained."""
+    import torch.distributed as dist
 
-            if run.ctx.is_main:  # a fresh pod: fetch the run from object storage
+    from dsclip import checkpoint as ckpt
+
+    if not cfg.run.resume:
+        return None
+    tag = None
+    if cfg.run.resume == "latest":
+        if cfg.run.remote_sync and ckpt.resolve_tag(ckpt_dir) is None:
+            if ctx.is_main:  # a fresh pod: fetch the run from object storage
                 fetched = ckpt.download_latest(cfg.run.remote_sync, ckpt_dir)
                 if fetched:
                     print(f"[dsclip] downloaded {fetched} from {cfg.run.remote_sync}", flush=True)
@@ -230,11 +287,17 @@ def _maybe_resume(run: Run, ckpt) -> None:
         ckpt_dir, tag = ckpt.locate(cfg.run.resume)
     tag = ckpt.resolve_tag(ckpt_dir, tag)
     if tag is None:
-        if cfg.run.resume == "latest":
-            if run.ctx.is_main:
-                print(f"[dsclip] no checkpoint in {ckpt_dir} yet; starting from scratch", flush=True)
-            return
-        raise ConfigError(f"no complete checkpoint in {ckpt_dir}; pass another --resume path")
+        if cfg.run.resume != "latest":
+            raise ConfigError(f"no complete checkpoint in {ckpt_dir}; pass another --resume path")
+        if ctx.is_main:
+            print(f"[dsclip] no checkpoint in {ckpt_dir} yet; starting from scratch", flush=True)
+        return None
+    return ckpt_dir, tag
+
+
+def _load_resume(run: Run, ckpt_dir: str, tag: str) -> None:
+    from dsclip import checkpoint as ckpt
+
     saved_world = ckpt.read_meta(os.path.join(ckpt_dir, tag)).get("world_size", run.ctx.world)
     if saved_world != run.ctx.world and run.meta["zero_stage"] > 0:
         raise ConfigError(f"{tag} was saved by {saved_world} ranks but this job has {run.ctx.world}; ZeRO optimizer "
@@ -291,7 +354,7 @@ def train_step(run: Run, micro: list[dict]) -> float:
     return loss
 
 
-def after_step(run: Run, meter: "_Meter") -> bool:
+def after_step(run: Run, meter: _Meter) -> bool:
     """Bookkeeping after an optimizer step; returns True when training should stop."""
     from dsclip.model import clamp_logit_scale
 
@@ -386,6 +449,7 @@ def finish(run: Run) -> dict[str, Any]:
               f"max abs diff {diff:.2e})", flush=True)
         if run.cfg.eval.wise_ft_alphas:
             _wiseft_after_training(run, final)
+    _report_memory(run)
     dist.barrier()
     run.watchdog.close()
     run.logger.close()
@@ -412,6 +476,24 @@ def _wiseft_after_training(run: Run, final: str) -> None:
                               parse_alphas(cfg.eval.wise_ft_alphas),
                               state_dict_evaluator(model.to(run.ctx.device), evaluator), out)
     print(f"[dsclip] WiSE-FT sweep in {out}; chosen alpha {result.best.get('alpha')}", flush=True)
+
+
+def _report_memory(run: Run) -> None:
+    """Every rank's peak RSS, and how much of it the training state added over the framework."""
+    import torch
+    import torch.distributed as dist
+
+    mine = torch.tensor([_memory_kib("VmHWM"), run.rss_at_start], dtype=torch.float64)
+    rows = [torch.zeros_like(mine) for _ in range(run.ctx.world)]
+    dist.all_gather(rows, mine)
+    gib = 1024 ** 2
+    peaks = {f"mem/peak_rss_gib_rank{r}": float(v[0]) / gib for r, v in enumerate(rows)}
+    added = {f"mem/train_state_gib_rank{r}": float(v[0] - v[1]) / gib for r, v in enumerate(rows)}
+    run.logger.log({**peaks, **added}, step=run.state.step, kind="summary", epoch=run.state.epoch)
+    if run.ctx.is_main:
+        print("[dsclip] peak memory per rank: " + ", ".join(
+            f"rank {r} {float(v[0]) / gib:.2f} GiB (+{float(v[0] - v[1]) / gib:.2f} over start)"
+            for r, v in enumerate(rows)), flush=True)
 
 
 def _probe_embeddings(run: Run) -> dict[str, Any]:
@@ -528,6 +610,11 @@ def main(argv: list[str] | None = None) -> int:
         if env_rank() == 0:
             print(f"dsclip: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except Exception as e:  # unreadable training data: one clear line, no traceback wall
+        if type(e).__name__ != "DataError":
+            raise
+        print(f"dsclip: error: rank {env_rank()}: {e}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_data_throughput_smoke(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "data_throughput.py"), "--smoke",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)

@@ -18,7 +18,6 @@ from dsclip.model import promote_scalar_params, to_open_clip_shapes
 from dsclip.schedule import GroupLR, lr_factor_fn
 from tests.launch import ROOT, TINY
 
-
 # ------------------------------------------------------------------ config
 
 def test_precedence_defaults_yaml_flags(tmp_path):

@@ -188,6 +188,7 @@ def test_too_many_unlocked_groups_is_a_config_error():
 # ------------------------------------------------------------------ other tower kinds
 
 
+@pytest.mark.filterwarnings("ignore:Importing from timm.models.helpers:FutureWarning")  # open_clip's lock
 @pytest.mark.parametrize("unlocked", [0, 1, 3])
 def test_timm_tower_matches_open_clip(tmp_path, unlocked):
     ours, ref = tiny_timm_clip(tmp_path, "test_vit"), tiny_timm_clip(tmp_path, "test_vit")

@@ -12,6 +12,7 @@ naming the fix, not a hang in a data-loader worker an hour later.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import json
 import os
@@ -98,8 +99,6 @@ def _expand_s3(url: str, endpoint: str | None) -> list[str]:
         if parent not in listings:
             listings[parent] = set(_s3_listdir(fs, parent[len("s3://"):], endpoint))
         if _has_glob(posixpath.basename(name)):
-            import fnmatch
-
             out += sorted(u for u in listings[parent] if fnmatch.fnmatch(u, name))
         elif name in listings[parent]:
             out.append(name)

@@ -23,7 +23,10 @@ Exact resume needs the same world size, workers, batch size and seed.  Unusable 
 (corrupt tar, bad image, missing or empty caption) are skipped and counted per kind and shard;
 the counts ride on each batch and are merged into ``stats()``.  An image whose header parses
 but whose pixels do not decode is replaced by another sample of the same batch, so batch
-positions, and thus resume, stay exact.  Tar members are only ever read into memory.
+positions, and thus resume, stay exact.  Tar members are only ever read into memory, by
+a small sequential tar reader (``tar_members``); member names with ``..`` or an absolute path
+are skipped and counted.  Remote shards are read ahead on a thread and the next shard is
+opened while the current one is decoded, so storage latency hides behind decoding.
 """
 
 from __future__ import annotations

@@ -1,0 +1,109 @@
+"""Scale proof: a model whose fp32 training state does not fit this machine under ZeRO-0 on 2 ranks
+trains under ZeRO-3 (built partitioned with deepspeed.zero.Init), and ZeRO-0 is refused up front
+by the memory plan instead of being OOM-killed.  Also the ViT-B-32 ZeRO-3 / ZeRO-0 per-rank
+memory ratio.
+
+    python benchmarks/scale.py                      # ViT-H-14 at 112 px + the ViT-B-32 ratio
+    python benchmarks/scale.py --smoke --out /tmp/x # tiny model, seconds
+
+Memory per rank is the trainer's own report: peak RSS (VmHWM) and the part of it added over
+the process's RSS right after start-up (the training state, without the framework's libraries).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from tests.launch import TINY, free_port  # noqa: E402
+
+
+def launch(model: str, stage: int, logs: str, name: str, steps: int, size: int | None, batch: int,
+           timeout: float) -> tuple[int, str, float]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), os.path.join(ROOT, "dsclip", "train.py"),
+           "--ds_config", os.path.join(ROOT, "ds_configs", f"zero{stage}.json"), "--model", model,
+           "--dataset-type", "synthetic", "--train-num-samples", str(batch * 2 * steps), "--batch-size", str(batch),
+           "--epochs", "1", "--lr", "1e-5", "--warmup", "1", "--precision", "fp32", "--logs-dir", logs,
+           "--name", name, "--log-every-n-steps", "1", "--workers", "0", "--val-frequency", "0",
+           "--zeroshot-frequency", "0", "--no-baseline-eval", "--save-frequency", "0", "--threads", "1",
+           "--grad-checkpointing"]
+    if size:
+        cmd += ["--force-image-size", str(size)]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout, check=False)
+    return proc.returncode, proc.stdout, time.monotonic() - t0
+
+
+def memory(stdout: str) -> dict[int, tuple[float, float]]:
+    """{rank: (peak GiB, added GiB)} from the trainer's summary line."""
+    found = re.findall(r"rank (\d+) ([\d.]+) GiB \(\+([\d.]+) over start\)", stdout)
+    return {int(r): (float(p), float(a)) for r, p, a in found}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--big-model", default="ViT-H-14")
+    p.add_argument("--big-size", type=int, default=112, help="image size for the big model (fewer tokens)")
+    p.add_argument("--ratio-model", default="ViT-B-32")
+    p.add_argument("--smoke", action="store_true", help="tiny model only")
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    p.add_argument("--logs", default="/tmp/dsclip-scale")
+    a = p.parse_args(argv)
+    big, ratio_model = (TINY, TINY) if a.smoke else (a.big_model, a.ratio_model)
+    results: dict = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "python": platform.python_version()}
+
+    # 1. ZeRO-0 for the big model: refused by the plan before anything is built
+    rc, out, secs = launch(big, 0, a.logs, "big-z0", 2, None if a.smoke else a.big_size, 1, 900)
+    refused = rc != 0 and "exceeds" in out
+    results["big_zero0"] = {"exit": rc, "refused_up_front": refused, "seconds": round(secs, 1),
+                            "message": next((ln for ln in out.splitlines() if "dsclip: error" in ln), "")}
+    print(f"{big} ZeRO-0: exit {rc} in {secs:.0f}s, refused up front: {refused}")
+
+    # 2. ZeRO-3 for the big model: 2 training steps
+    rc, out, secs = launch(big, 3, a.logs, "big-z3", 2, None if a.smoke else a.big_size, 1, 3000)
+    mem = memory(out)
+    results["big_zero3"] = {"exit": rc, "seconds": round(secs, 1), "peak_rss_gib": {r: m[0] for r, m in mem.items()},
+                            "train_state_gib": {r: m[1] for r, m in mem.items()}}
+    print(f"{big} ZeRO-3: exit {rc} in {secs:.0f}s, per-rank peak RSS "
+          + ", ".join(f"rank {r} {m[0]:.2f} GiB" for r, m in mem.items()))
+    if rc != 0:
+        print(out[-3000:])
+
+    # 3. ViT-B-32: ZeRO-3 vs ZeRO-0 per-rank memory
+    per_stage = {}
+    for stage in (0, 3):
+        rc, out, _ = launch(ratio_model, stage, a.logs, f"ratio-z{stage}", 2, None, 4, 1800)
+        per_stage[stage] = memory(out)
+        if rc != 0:
+            print(out[-3000:])
+    if per_stage[0] and per_stage[3]:
+        added = {s: max(m[1] for m in per_stage[s].values()) for s in per_stage}
+        peak = {s: max(m[0] for m in per_stage[s].values()) for s in per_stage}
+        results["ratio"] = {"model": ratio_model, "train_state_gib": added, "peak_rss_gib": peak,
+                            "zero3_over_zero0_train_state": added[3] / added[0],
+                            "zero3_over_zero0_peak_rss": peak[3] / peak[0]}
+        print(f"{ratio_model} per-rank ZeRO-3/ZeRO-0: training state {added[3] / added[0]:.2f} "
+              f"(target <= 0.55), whole-process peak RSS {peak[3] / peak[0]:.2f}")
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "scale.json"), "w") as fh:
+        json.dump(results, fh, indent=1)
+    with open(os.path.join(a.out, "scale.md"), "w") as fh:
+        fh.write(f"# Scale ({results['date']}, {results['cpus']} CPUs, fp32, 2 gloo ranks)\n\n```\n"
+                 + json.dumps(results, indent=1) + "\n```\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

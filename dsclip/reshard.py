@@ -1,0 +1,259 @@
+"""Resuming a ZeRO checkpoint on a different number of ranks.
+
+A ZeRO-1/2/3 checkpoint stores each rank's slice of the optimizer state, cut for the world
+size that saved it, and DeepSpeed refuses to load it on any other world size.  DeepSpeed's
+answer is the *universal* checkpoint: ``ds_to_universal`` rewrites the slices as one folder
+per parameter (``zero/<name>/{fp32,exp_avg,exp_avg_sq}.pt``, unsharded), and an engine built
+with ``{"checkpoint": {"load_universal": true}}`` cuts them again for its own world size.
+
+``prepare_resume`` does that conversion once, on rank 0, into ``<tag>_universal/`` next to the
+checkpoint (built in a temp folder and renamed into place, so a crash mid-conversion leaves
+nothing that looks finished), and tells every rank where to load from and which DeepSpeed
+config keys to add.  The converted copy records which checkpoint it came from
+(``dsclip_universal.json``) and is rebuilt if that checkpoint changed.  It carries the saved
+ranks' ``rng_rank<R>.pt`` files; ranks that did not exist before have none and keep their
+seeded RNG.  The trainer's pruning removes the copy at the first save after the resume.
+
+Notes on DeepSpeed 0.19.8's converter:
+- DeepSpeed does not write ``universal_checkpoint_info`` into ordinary checkpoints, so the
+  converter runs with ``inject_missing_state`` (the plain data-parallel layout, which is
+  dsclip's: no tensor or pipeline parallelism).
+- It runs in-process with one worker: the trainer's ranks hold a process group and forking a
+  process pool from them is not safe; a tiny model converts in about a second.
+- dsclip's 1-element ``logit_scale`` (see ``model.promote_scalar_params``) is stored with the
+  shape the optimizer saw, ``[1]``, and comes back with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import glob
+import hashlib
+import json
+import os
+import shutil
+import time
+import types
+from collections.abc import Iterator
+from typing import Any
+
+from .config import ConfigError
+
+MANIFEST = "dsclip_manifest.json"  # written by dsclip.checkpoint for every complete tag
+MARKER = "dsclip_universal.json"
+SUFFIX = "_universal"
+UNIVERSAL_OVERRIDES: dict[str, Any] = {"checkpoint": {"load_universal": True}}
+
+
+def universal_tag(tag: str) -> str:
+    return tag + SUFFIX
+
+
+def read_manifest(tag_dir: str) -> dict[str, Any]:
+    try:
+        with open(os.path.join(tag_dir, MANIFEST)) as fh:
+            return json.load(fh)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {os.path.join(tag_dir, MANIFEST)} ({e}); resume from a complete "
+                          f"checkpoint") from None
+
+
+def saved_world_size(tag_dir: str, manifest: dict[str, Any] | None = None) -> int:
+    """Ranks that wrote the checkpoint: the manifest's ``world_size``, else one optimizer
+    file per rank."""
+    manifest = read_manifest(tag_dir) if manifest is None else manifest
+    if "world_size" in manifest:
+        return int(manifest["world_size"])
+    files = glob.glob(os.path.join(tag_dir, "*zero_pp_rank_*_optim_states.pt"))
+    return max(1, len(files))
+
+
+def _fingerprint(tag_dir: str) -> str:
+    """Identifies one saved checkpoint: its manifest lists every file with its size."""
+    with open(os.path.join(tag_dir, MANIFEST), "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()
+
+
+def is_converted(out_dir: str, tag_dir: str) -> bool:
+    """Whether ``out_dir`` is a finished conversion of the checkpoint now in ``tag_dir``."""
+    try:
+        with open(os.path.join(out_dir, MARKER)) as fh:
+            marker = json.load(fh)
+    except (OSError, ValueError):
+        return False
+    return marker.get("source_fingerprint") == _fingerprint(tag_dir)
+
+
+def convert_to_universal(tag_dir: str, out_dir: str) -> float:
+    """Write the universal form of the checkpoint in ``tag_dir`` to ``out_dir``, atomically.
+
+    Returns the seconds it took.  The converter's own chatter goes to ``conversion.log``
+    inside the result (or is shown in the error if it fails).
+    """
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    start = time.monotonic()
+    parent, name = os.path.split(out_dir.rstrip("/"))
+    staging = os.path.join(parent, f".{name}.tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    # ds_to_universal also writes a `latest_universal` file beside its output folder: keep it
+    # inside the staging folder, away from the checkpoint dir.
+    work = os.path.join(staging, name)
+    os.makedirs(staging)
+    log_path = os.path.join(staging, "conversion.log")
+    args = argparse.Namespace(input_folder=tag_dir, output_folder=work, num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)
+    tail: list[str] = []
+    try:
+        with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            ds_to_universal(args)
+    except BaseException as e:
+        with contextlib.suppress(OSError), open(log_path) as log:
+            tail = log.read().strip().splitlines()[-3:]
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        detail = f"{type(e).__name__}: {e}".strip().splitlines()[0][:300]
+        raise ConfigError(f"converting {tag_dir} to a universal checkpoint failed ({detail}); "
+                          f"resume with the world size that saved it"
+                          + (f" [converter: {' | '.join(tail)}]" if tail else "")) from None
+    os.replace(log_path, os.path.join(work, "conversion.log"))
+    for rng in glob.glob(os.path.join(tag_dir, "rng_rank*.pt")):
+        shutil.copy2(rng, work)
+    marker = {"source": os.path.abspath(tag_dir), "source_fingerprint": _fingerprint(tag_dir),
+              "source_world_size": saved_world_size(tag_dir), "seconds": round(time.monotonic() - start, 3)}
+    with open(os.path.join(work, MARKER), "w") as fh:
+        json.dump(marker, fh, indent=1)
+    if os.path.isdir(out_dir):  # a stale conversion of an older checkpoint under the same tag
+        shutil.rmtree(out_dir)
+    os.replace(work, out_dir)
+    shutil.rmtree(staging, ignore_errors=True)
+    return time.monotonic() - start
+
+
+def _agree(rank: int, result: Any) -> Any:
+    """Rank 0's ``result`` on every rank (a barrier too); a plain return outside a process group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return result
+    box = [result if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def prepare_resume(ckpt_dir: str, tag: str, world: int, rank: int) -> tuple[str, str, dict]:
+    """Where to load ``ckpt_dir/tag`` from on a job of ``world`` ranks.
+
+    Returns ``(load_dir, load_tag, ds_config_overrides)``.  The same world size, or a
+    checkpoint without ZeRO optimizer shards (ZeRO-0 loads anywhere), gives the inputs back
+    and ``{}``.  Otherwise rank 0 converts the checkpoint to the universal format (once; a
+    finished conversion is reused) while the other ranks wait, and every rank gets the
+    converted location plus ``{"checkpoint": {"load_universal": True}}`` to merge into the
+    DeepSpeed config before ``deepspeed.initialize``.  Collective when a conversion is needed:
+    call it on every rank.  Raises ConfigError (on every rank) when the conversion fails.
+    """
+    tag_dir = os.path.join(ckpt_dir, tag)
+    manifest = read_manifest(tag_dir)
+    saved = saved_world_size(tag_dir, manifest)
+    stage = int(manifest.get("zero_stage", 1))
+    if saved == world or stage == 0:
+        return ckpt_dir, tag, {}
+    out_tag = universal_tag(tag)
+    out_dir = os.path.join(ckpt_dir, out_tag)
+    outcome: tuple[str, str] = ("ok", "")
+    if rank == 0:
+        try:
+            if is_converted(out_dir, tag_dir):
+                note = f"reusing its universal copy {out_dir}"
+            else:
+                seconds = convert_to_universal(tag_dir, out_dir)
+                note = f"converted it (DeepSpeed universal checkpoint, ZeRO-{stage}) in {seconds:.1f}s: {out_dir}"
+            outcome = ("ok", f"[dsclip] {tag} was saved by {saved} ranks, this job has {world}; {note}")
+        except ConfigError as e:
+            outcome = ("error", str(e))
+        except Exception as e:  # noqa: BLE001 - every rank must learn of the failure, not hang
+            why = f"{type(e).__name__}: {e}"
+            outcome = ("error", f"converting {tag_dir} to a universal checkpoint failed ({why}); resume with {saved} ranks")
+    status, message = _agree(rank, outcome)
+    if status != "ok":
+        raise ConfigError(message)
+    if rank == 0:
+        print(message, flush=True)
+    return ckpt_dir, out_tag, copy.deepcopy(UNIVERSAL_OVERRIDES)
+
+
+@contextlib.contextmanager
+def universal_load(engine) -> Iterator[None]:
+    """Wrap ``engine.load_checkpoint`` of a universal checkpoint (``prepare_resume`` returned
+    overrides).  Works around two problems of DeepSpeed 0.19.8's universal loaders:
+
+    - ZeRO-1/2 expect every rank to hold part of every parameter group.  A rank whose share of
+      a small group (dsclip's ``logit_scale`` group has one element) is only padding fails with
+      an IndexError; such a rank's groups are loaded here instead, leaving its padding-only
+      shares without optimizer state (the optimizer creates zeros at the next step).
+    - ZeRO-3 copies parameter group 0's settings into every group, which would give the
+      no-decay group weight decay and every tower group the first group's lr.  The groups get
+      their own settings back afterwards: the freshly built optimizer holds them, from the same
+      config.
+    - ZeRO-3 puts one and the same ``step`` tensor into the state of every sub-group.  Adam
+      increments it in place, once per sub-group, so from the second step on each sub-group
+      would see a different, wrong step count (and bias correction).  Each state gets its own.
+    """
+    opt = engine.optimizer
+    base = getattr(opt, "optimizer", opt)
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
+    lp_groups = getattr(opt, "bit16_groups", None)
+    patched = lp_groups is not None and any(
+        not any(getattr(lp, "_hp_mapping", None) is not None for lp in group) for group in lp_groups)
+    if patched:
+        opt.load_hp_checkpoint_state_from_checkpoint_dir = types.MethodType(_load_allowing_padding_only, opt)
+    try:
+        yield
+    finally:
+        if patched:
+            del opt.load_hp_checkpoint_state_from_checkpoint_dir
+    for group, own in zip(base.param_groups, settings):
+        group.update(own)
+    for state in base.state.values():
+        if hasattr(state.get("step"), "clone"):
+            state["step"] = state["step"].clone()
+
+
+def _load_allowing_padding_only(opt, lp_groups_name: str, checkpoint_dir: str) -> None:
+    """ZeRO-1/2: load this rank's fragments of every parameter from ``checkpoint_dir/zero``
+    (one folder per parameter), skipping groups of which this rank holds only padding."""
+    import torch
+    from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
+
+    zero_dir = os.path.join(checkpoint_dir, "zero")
+    common = torch.load(os.path.join(zero_dir, "optimizer_state.pt"), weights_only=False)
+    opt._load_global_state(common)
+    state = opt.optimizer.state
+    for group, saved, lps in zip(opt.optimizer.param_groups, common["param_groups"], getattr(opt, lp_groups_name)):
+        held = [lp for lp in lps if lp._hp_mapping is not None]
+        keys: set[str] = set()
+        step = None
+        for lp in held:  # no tensor or expert parallelism in dsclip: one slice, index 0
+            step = lp.load_hp_checkpoint_state(os.path.join(zero_dir, opt.param_names[lp]), 0, 1)
+            keys.update(lp._hp_mapping.get_optim_state_keys())
+        if held:
+            flat = group["params"][0]
+            if step is not None:
+                state[flat]["step"] = step
+            map_to_flat_opt_states(flat, lps, state, keys)
+        group.update({k: v for k, v in saved.items() if k != "params"})
+
+
+def merge_config(ds: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``ds`` with ``overrides`` merged in, section by section (a new dict)."""
+    out = copy.deepcopy(ds)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_config(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
