@@ -24,7 +24,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tests.launch import TINY, free_port  # noqa: E402
+from tests.launch import TINY, free_port
 
 
 def launch(model: str, stage: int, logs: str, name: str, steps: int, size: int | None, batch: int,

@@ -99,8 +99,8 @@ def create_model(cfg: Config, device: torch.device | str = "cpu", load_weights: 
     force_size = None
     if m.force_image_size:
         force_size = m.force_image_size[0] if len(m.force_image_size) == 1 else tuple(m.force_image_size[:2])
-    kwargs: dict[str, Any] = dict(force_image_size=force_size, force_context_length=m.force_context_length,
-                                  force_patch_dropout=m.force_patch_dropout, output_dict=True)
+    kwargs: dict[str, Any] = {"force_image_size": force_size, "force_context_length": m.force_context_length,
+                              "force_patch_dropout": m.force_patch_dropout, "output_dict": True}
     if m.pretrained or not load_weights:  # CLIP weights replace a HF text tower's own: don't download them
         kwargs["pretrained_text"] = False
     notes: list[str] = []

@@ -43,6 +43,7 @@ from .config import ConfigError
 
 MANIFEST = "dsclip_manifest.json"  # written by dsclip.checkpoint for every complete tag
 MARKER = "dsclip_universal.json"
+FROZEN = "frozen_params.pt"  # ZeRO-3 only: frozen weights, which the universal format leaves out
 SUFFIX = "_universal"
 UNIVERSAL_OVERRIDES: dict[str, Any] = {"checkpoint": {"load_universal": True}}
 
@@ -110,6 +111,7 @@ def convert_to_universal(tag_dir: str, out_dir: str) -> float:
     try:
         with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             ds_to_universal(args)
+            frozen = _zero3_frozen_params(tag_dir, os.path.join(work, "zero"))
     except BaseException as e:
         with contextlib.suppress(OSError), open(log_path) as log:
             tail = log.read().strip().splitlines()[-3:]
@@ -121,6 +123,10 @@ def convert_to_universal(tag_dir: str, out_dir: str) -> float:
                           f"resume with the world size that saved it"
                           + (f" [converter: {' | '.join(tail)}]" if tail else "")) from None
     os.replace(log_path, os.path.join(work, "conversion.log"))
+    if frozen:
+        import torch
+
+        torch.save(frozen, os.path.join(work, FROZEN))
     for rng in glob.glob(os.path.join(tag_dir, "rng_rank*.pt")):
         shutil.copy2(rng, work)
     marker = {"source": os.path.abspath(tag_dir), "source_fingerprint": _fingerprint(tag_dir),
@@ -132,6 +138,25 @@ def convert_to_universal(tag_dir: str, out_dir: str) -> float:
     os.replace(work, out_dir)
     shutil.rmtree(staging, ignore_errors=True)
     return time.monotonic() - start
+
+
+def _zero3_frozen_params(tag_dir: str, zero_dir: str) -> dict:
+    """Frozen parameters of a ZeRO-3 checkpoint, consolidated ({} for other stages).
+
+    The universal format keeps one folder per *optimized* parameter; under ZeRO-1/2 the frozen
+    ones still reach the new engine through the model-states file, under ZeRO-3 nothing carries
+    them, so they are stored beside the conversion and put back by ``universal_load``.
+    """
+    import torch
+
+    if not glob.glob(os.path.join(tag_dir, "zero_pp_rank_*_mp_rank_*_model_states.pt")):
+        return {}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    trainable = set(os.listdir(zero_dir))
+    parent, tag = os.path.split(tag_dir.rstrip("/"))
+    lazy = get_fp32_state_dict_from_zero_checkpoint(parent, tag, lazy_mode=True)
+    return {name: torch.as_tensor(t.contiguous()).clone() for name, t in lazy.items() if name not in trainable}
 
 
 def _agree(rank: int, result: Any) -> Any:
@@ -187,9 +212,11 @@ def prepare_resume(ckpt_dir: str, tag: str, world: int, rank: int) -> tuple[str,
 
 
 @contextlib.contextmanager
-def universal_load(engine) -> Iterator[None]:
-    """Wrap ``engine.load_checkpoint`` of a universal checkpoint (``prepare_resume`` returned
-    overrides).  Works around two problems of DeepSpeed 0.19.8's universal loaders:
+def universal_load(engine, load_dir: str, load_tag: str) -> Iterator[None]:
+    """Wrap ``engine.load_checkpoint(load_dir, load_tag)``; for anything but a conversion made by
+    ``prepare_resume`` it does nothing.  For a conversion it puts back ZeRO-3's frozen weights
+    (see ``_zero3_frozen_params``) and works around three problems of DeepSpeed 0.19.8's
+    universal loaders:
 
     - ZeRO-1/2 expect every rank to hold part of every parameter group.  A rank whose share of
       a small group (dsclip's ``logit_scale`` group has one element) is only padding fails with
@@ -203,6 +230,10 @@ def universal_load(engine) -> Iterator[None]:
       increments it in place, once per sub-group, so from the second step on each sub-group
       would see a different, wrong step count (and bias correction).  Each state gets its own.
     """
+    path = os.path.join(load_dir, load_tag)
+    if not os.path.isfile(os.path.join(path, MARKER)):
+        yield
+        return
     opt = engine.optimizer
     base = getattr(opt, "optimizer", opt)
     settings = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
@@ -221,6 +252,19 @@ def universal_load(engine) -> Iterator[None]:
     for state in base.state.values():
         if hasattr(state.get("step"), "clone"):
             state["step"] = state["step"].clone()
+    if os.path.isfile(os.path.join(path, FROZEN)):
+        _restore_frozen(engine.module, os.path.join(path, FROZEN))
+
+
+def _restore_frozen(module, path: str) -> None:
+    import deepspeed
+    import torch
+
+    saved = torch.load(path, weights_only=True)
+    for name, p in module.named_parameters():
+        if name in saved:
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=hasattr(p, "ds_id")):
+                p.data.copy_(saved[name].reshape(p.shape))
 
 
 def _load_allowing_padding_only(opt, lp_groups_name: str, checkpoint_dir: str) -> None:

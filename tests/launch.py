@@ -55,4 +55,4 @@ def launch_train(args: list[str], nproc: int = 2, launcher: str = "deepspeed", t
                  env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     cmd = launcher_cmd(launcher, nproc, free_port()) + list(args)
     return subprocess.run(cmd, cwd=ROOT, env=env or cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, check=False)

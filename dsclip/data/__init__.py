@@ -14,7 +14,8 @@ A ``Batch`` is a dict: ``image`` float [B,3,H,W], ``text`` long [B,L], ``keys`` 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 from ..config import Config, ConfigError
 
