@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .faultinject import save_fault
+
 MANIFEST = "dsclip_manifest.json"
 LATEST = "latest"
 
@@ -60,13 +62,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _fault_point(name: str, step: int) -> None:
-    """Test hook: ``DSCLIP_FAULT=kill_in_save:<point>:<step>`` SIGKILLs this process at one stage
-    of one save: a real crash in the middle of writing a checkpoint."""
-    if os.environ.get("DSCLIP_FAULT") == f"kill_in_save:{name}:{step}":
-        os.kill(os.getpid(), 9)
 
 
 def write_manifest(tag_dir: str, meta: dict[str, Any]) -> None:
@@ -147,14 +142,14 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: dict[str, An
         shutil.rmtree(tag_dir)
     dist.barrier()
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
-    _fault_point("after_engine_save", step)
+    save_fault("after_engine_save", step)
     rng_path = os.path.join(tag_dir, f"rng_rank{rank}.pt")
     torch.save(rng_state(), rng_path + ".tmp")
     os.replace(rng_path + ".tmp", rng_path)
     dist.barrier()
     if rank == 0:
         write_manifest(tag_dir, {"step": step, **meta})
-        _fault_point("before_latest", step)
+        save_fault("before_latest", step)
         atomic_write_text(os.path.join(ckpt_dir, LATEST), tag)
         prune(ckpt_dir, keep_last_n, protect=protect)
     dist.barrier()

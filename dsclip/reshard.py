@@ -43,7 +43,7 @@ from .config import ConfigError
 
 MANIFEST = "dsclip_manifest.json"  # written by dsclip.checkpoint for every complete tag
 MARKER = "dsclip_universal.json"
-FROZEN = "frozen_params.pt"  # ZeRO-3 only: frozen weights, which the universal format leaves out
+EXTRAS = "frozen_and_buffers.pt"  # what the universal format leaves out (see _non_optimized_state)
 SUFFIX = "_universal"
 UNIVERSAL_OVERRIDES: dict[str, Any] = {"checkpoint": {"load_universal": True}}
 
@@ -111,7 +111,7 @@ def convert_to_universal(tag_dir: str, out_dir: str) -> float:
     try:
         with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             ds_to_universal(args)
-            frozen = _zero3_frozen_params(tag_dir, os.path.join(work, "zero"))
+            extras = _non_optimized_state(tag_dir, os.path.join(work, "zero"))
     except BaseException as e:
         with contextlib.suppress(OSError), open(log_path) as log:
             tail = log.read().strip().splitlines()[-3:]
@@ -123,10 +123,10 @@ def convert_to_universal(tag_dir: str, out_dir: str) -> float:
                           f"resume with the world size that saved it"
                           + (f" [converter: {' | '.join(tail)}]" if tail else "")) from None
     os.replace(log_path, os.path.join(work, "conversion.log"))
-    if frozen:
+    if extras:
         import torch
 
-        torch.save(frozen, os.path.join(work, FROZEN))
+        torch.save(extras, os.path.join(work, EXTRAS))
     for rng in glob.glob(os.path.join(tag_dir, "rng_rank*.pt")):
         shutil.copy2(rng, work)
     marker = {"source": os.path.abspath(tag_dir), "source_fingerprint": _fingerprint(tag_dir),
@@ -140,23 +140,21 @@ def convert_to_universal(tag_dir: str, out_dir: str) -> float:
     return time.monotonic() - start
 
 
-def _zero3_frozen_params(tag_dir: str, zero_dir: str) -> dict:
-    """Frozen parameters of a ZeRO-3 checkpoint, consolidated ({} for other stages).
+def _non_optimized_state(tag_dir: str, zero_dir: str) -> dict:
+    """Frozen parameters and buffers of the checkpoint, consolidated.
 
-    The universal format keeps one folder per *optimized* parameter; under ZeRO-1/2 the frozen
-    ones still reach the new engine through the model-states file, under ZeRO-3 nothing carries
-    them, so they are stored beside the conversion and put back by ``universal_load``.
+    A universal load restores only what the optimizer holds: DeepSpeed skips the module state
+    dict, so frozen weights (and buffers such as BatchNorm statistics) would keep their fresh
+    values.  They are stored beside the conversion and put back by ``universal_load``.  An
+    optimized parameter is one whose folder has Adam moments.
     """
     import torch
-
-    if not glob.glob(os.path.join(tag_dir, "zero_pp_rank_*_mp_rank_*_model_states.pt")):
-        return {}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    trainable = set(os.listdir(zero_dir))
     parent, tag = os.path.split(tag_dir.rstrip("/"))
     lazy = get_fp32_state_dict_from_zero_checkpoint(parent, tag, lazy_mode=True)
-    return {name: torch.as_tensor(t.contiguous()).clone() for name, t in lazy.items() if name not in trainable}
+    return {name: torch.as_tensor(t.contiguous()).clone() for name, t in lazy.items()
+            if not os.path.isfile(os.path.join(zero_dir, name, "exp_avg.pt"))}
 
 
 def _agree(rank: int, result: Any) -> Any:
@@ -214,9 +212,9 @@ def prepare_resume(ckpt_dir: str, tag: str, world: int, rank: int) -> tuple[str,
 @contextlib.contextmanager
 def universal_load(engine, load_dir: str, load_tag: str) -> Iterator[None]:
     """Wrap ``engine.load_checkpoint(load_dir, load_tag)``; for anything but a conversion made by
-    ``prepare_resume`` it does nothing.  For a conversion it puts back ZeRO-3's frozen weights
-    (see ``_zero3_frozen_params``) and works around three problems of DeepSpeed 0.19.8's
-    universal loaders:
+    ``prepare_resume`` it does nothing.  For a conversion it puts back the frozen weights and
+    buffers (see ``_non_optimized_state``) and works around three problems of DeepSpeed
+    0.19.8's universal loaders:
 
     - ZeRO-1/2 expect every rank to hold part of every parameter group.  A rank whose share of
       a small group (dsclip's ``logit_scale`` group has one element) is only padding fails with
@@ -252,19 +250,23 @@ def universal_load(engine, load_dir: str, load_tag: str) -> Iterator[None]:
     for state in base.state.values():
         if hasattr(state.get("step"), "clone"):
             state["step"] = state["step"].clone()
-    if os.path.isfile(os.path.join(path, FROZEN)):
-        _restore_frozen(engine.module, os.path.join(path, FROZEN))
+    if os.path.isfile(os.path.join(path, EXTRAS)):
+        _restore_non_optimized(engine.module, os.path.join(path, EXTRAS))
 
 
-def _restore_frozen(module, path: str) -> None:
+def _restore_non_optimized(module, path: str) -> None:
     import deepspeed
     import torch
 
     saved = torch.load(path, weights_only=True)
-    for name, p in module.named_parameters():
-        if name in saved:
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=hasattr(p, "ds_id")):
-                p.data.copy_(saved[name].reshape(p.shape))
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name in saved and not p.requires_grad:
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=hasattr(p, "ds_id")):
+                    p.data.copy_(saved[name].reshape(p.shape))
+        for name, b in module.named_buffers():
+            if name in saved:
+                b.copy_(saved[name].reshape(b.shape))
 
 
 def _load_allowing_padding_only(opt, lp_groups_name: str, checkpoint_dir: str) -> None:

@@ -15,12 +15,13 @@ if __package__ in (None, ""):  # executed by path: make the package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import math
-import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from dsclip.config import Config, ConfigError, parse_args
+from dsclip.faultinject import after_step_fault, trace_keys
+from dsclip.progress import ProgressMeter, meminfo_kib, memory_kib, report_memory
 
 LN_100 = math.log(100.0)
 
@@ -136,7 +137,7 @@ def setup(cfg: Config) -> Run:
     )
 
     ctx = setup_distributed(cfg)
-    rss_at_start = _memory_kib("VmRSS")  # the framework's own footprint, before any model state
+    rss_at_start = memory_kib("VmRSS")  # the framework's own footprint, before any model state
     on_gpu = ctx.device.type != "cpu"
     precision = resolve_precision(cfg, on_gpu)
     notes = apply_strategy_defaults(cfg)
@@ -211,18 +212,6 @@ def setup(cfg: Config) -> Run:
     return run
 
 
-def _memory_kib(field: str) -> int:
-    """A /proc/self/status memory field in KiB (0 where /proc is missing)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def _check_memory(cfg: Config, ds: dict, precision: str, ctx) -> None:
     """Refuse, before building anything, a plan whose estimate exceeds this rank's memory."""
     from dsclip.engine import zero_stage
@@ -233,18 +222,10 @@ def _check_memory(cfg: Config, ds: dict, precision: str, ctx) -> None:
 
         budget = get_accelerator().total_memory(ctx.local_rank) / GIB
     else:
-        budget = _meminfo_kib("MemAvailable") * 1024 / GIB / max(1, ctx.local_world)
+        budget = meminfo_kib("MemAvailable") * 1024 / GIB / max(1, ctx.local_world)
     offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
     if budget > 0 and not offload:
         check_fits(cfg, zero_stage(ds), precision, ctx.world, budget)
-
-
-def _meminfo_kib(field: str) -> int:
-    with open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 def _agreed_name(name: str | None) -> str:
@@ -318,7 +299,7 @@ def _load_resume(run: Run, ckpt_dir: str, tag: str) -> None:
 def train(cfg: Config) -> dict[str, Any]:
     run = setup(cfg)
     s, k = run.state, cfg.optim.accum_freq
-    meter = _Meter(run)
+    meter = ProgressMeter(run)
     if s.step == 0 and run.evaluator is not None and cfg.eval.baseline_eval:
         evaluate(run, epoch_end=False, baseline=True)
     stop = s.step >= run.total_steps
@@ -350,11 +331,11 @@ def train_step(run: Run, micro: list[dict]) -> float:
     step = contrastive_step if run.cfg.optim.accum_mode == "contrastive" else plain_step
     loss = step(run.engine, run.loss_fn, inputs)
     for i, b in enumerate(micro):
-        _trace_keys(run, b, run.state.batch_in_epoch + i)
+        trace_keys(run.ctx.rank, run.state.epoch, b, run.state.batch_in_epoch + i)
     return loss
 
 
-def after_step(run: Run, meter: _Meter) -> bool:
+def after_step(run: Run, meter: ProgressMeter) -> bool:
     """Bookkeeping after an optimizer step; returns True when training should stop."""
     from dsclip.model import clamp_logit_scale
 
@@ -365,7 +346,7 @@ def after_step(run: Run, meter: _Meter) -> bool:
         meter.report()
     if cfg.run.save_every_n_steps and s.step % cfg.run.save_every_n_steps == 0:
         save(run)
-    _fault_hook(s.step)
+    after_step_fault(s.step)
     if s.step >= run.total_steps:
         return True
     if cfg.eval.eval_every_n_steps and s.step % cfg.eval.eval_every_n_steps == 0:
@@ -449,7 +430,7 @@ def finish(run: Run) -> dict[str, Any]:
               f"max abs diff {diff:.2e})", flush=True)
         if run.cfg.eval.wise_ft_alphas:
             _wiseft_after_training(run, final)
-    _report_memory(run)
+    report_memory(run)
     dist.barrier()
     run.watchdog.close()
     run.logger.close()
@@ -478,24 +459,6 @@ def _wiseft_after_training(run: Run, final: str) -> None:
     print(f"[dsclip] WiSE-FT sweep in {out}; chosen alpha {result.best.get('alpha')}", flush=True)
 
 
-def _report_memory(run: Run) -> None:
-    """Every rank's peak RSS, and how much of it the training state added over the framework."""
-    import torch
-    import torch.distributed as dist
-
-    mine = torch.tensor([_memory_kib("VmHWM"), run.rss_at_start], dtype=torch.float64)
-    rows = [torch.zeros_like(mine) for _ in range(run.ctx.world)]
-    dist.all_gather(rows, mine)
-    gib = 1024 ** 2
-    peaks = {f"mem/peak_rss_gib_rank{r}": float(v[0]) / gib for r, v in enumerate(rows)}
-    added = {f"mem/train_state_gib_rank{r}": float(v[0] - v[1]) / gib for r, v in enumerate(rows)}
-    run.logger.log({**peaks, **added}, step=run.state.step, kind="summary", epoch=run.state.epoch)
-    if run.ctx.is_main:
-        print("[dsclip] peak memory per rank: " + ", ".join(
-            f"rank {r} {float(v[0]) / gib:.2f} GiB (+{float(v[0] - v[1]) / gib:.2f} over start)"
-            for r, v in enumerate(rows)), flush=True)
-
-
 def _probe_embeddings(run: Run) -> dict[str, Any]:
     """The engine's own embeddings of a fixed probe batch, to check the export against."""
     import torch
@@ -512,89 +475,6 @@ def _probe_embeddings(run: Run) -> dict[str, Any]:
     module.train(was_training)
     return {"image": images, "text": texts, "image_features": out["image_features"].float().cpu(),
             "text_features": out["text_features"].float().cpu()}
-
-
-# ---------------------------------------------------------------- progress
-
-class _Meter:
-    """Times data waits and steps; prints the progress line and logs train metrics."""
-
-    def __init__(self, run: Run):
-        self.run, self.losses = run, []
-        self.t_window = self.t_last = time.perf_counter()
-        self.data_wait = 0.0
-        self.last_step = run.state.step
-
-    def next_batch(self, it) -> dict:
-        t = time.perf_counter()
-        batch = next(it)
-        self.data_wait += time.perf_counter() - t
-        return batch
-
-    def add(self, loss: float) -> None:
-        self.losses.append(loss)
-
-    def report(self) -> None:
-        import torch
-        import torch.distributed as dist
-
-        run, s, cfg = self.run, self.run.state, self.run.cfg
-        now = time.perf_counter()
-        window = max(now - self.t_window, 1e-9)
-        steps = max(1, s.step - self.last_step)
-        self.last_step = s.step
-        vals = torch.tensor([sum(self.losses) / max(1, len(self.losses)), self.data_wait / window],
-                            dtype=torch.float64)
-        dist.all_reduce(vals)
-        vals /= run.ctx.world
-        loss, wait = vals.tolist()
-        run.last_train_loss = loss
-        global_batch = cfg.optim.batch_size * cfg.optim.accum_freq * run.ctx.world
-        sps = steps * global_batch / window
-        eta = (run.total_steps - s.step) * window / steps
-        lr = run.lr.current_lrs()[0]
-        stats = run.source.stats() if hasattr(run.source, "stats") else {}
-        metrics = {"loss": loss, "lr": lr, "samples_per_s": sps, "samples_per_s_per_rank": sps / run.ctx.world,
-                   "data_wait_frac": wait, "logit_scale": float(run.engine.module.logit_scale.data.reshape(-1)[0])
-                   if run.engine.module.logit_scale.data.numel() else float("nan")}
-        metrics.update({f"data/{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
-        run.logger.log(metrics, step=s.step, kind="train", epoch=s.epoch)
-        if run.ctx.is_main:
-            skipped = f" skipped {stats.get('skipped', 0)}" if stats.get("skipped") else ""
-            print(f"epoch {s.epoch + 1}/{run.epochs} step {s.step}/{run.total_steps} "
-                  f"({100 * s.step / run.total_steps:.0f}%) loss {loss:.4f} lr {lr:.3g} "
-                  f"samples/s {sps:.1f} ({sps / run.ctx.world:.1f}/rank) data {100 * wait:.0f}%{skipped} "
-                  f"eta {_fmt_eta(eta)}", flush=True)
-        self.losses, self.data_wait, self.t_window = [], 0.0, now
-
-
-def _fmt_eta(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-# ---------------------------------------------------------------- test hooks
-
-def _fault_hook(step: int) -> None:
-    """``DSCLIP_FAULT=kill_at_step:N`` SIGKILLs ranks (``DSCLIP_FAULT_RANKS``, default all) after
-    step N: a real, deterministic crash for resume tests; ``hang_at_step:N`` makes them hang."""
-    fault = os.environ.get("DSCLIP_FAULT", "")
-    ranks = os.environ.get("DSCLIP_FAULT_RANKS")
-    if ranks is not None and os.environ.get("RANK", "0") not in ranks.split(","):
-        return
-    if fault == f"kill_at_step:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
-    if fault == f"hang_at_step:{step}":  # a rank that stops responding
-        while True:
-            time.sleep(3600)
-
-
-def _trace_keys(run: Run, batch: dict, index: int) -> None:
-    """``DSCLIP_TRACE_KEYS=DIR``: each rank appends ``epoch batch keys`` per micro batch."""
-    out = os.environ.get("DSCLIP_TRACE_KEYS")
-    if out:
-        with open(os.path.join(out, f"keys-rank{run.ctx.rank}.txt"), "a") as fh:
-            fh.write(f"{run.state.epoch} {index} {','.join(batch['keys'])}\n")
 
 
 # ---------------------------------------------------------------- entry

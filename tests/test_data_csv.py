@@ -10,19 +10,9 @@ import torch
 from dsclip.config import ConfigError
 from dsclip.data import build_source
 from dsclip.data.csv import CsvSource
-from tests.test_data_wds import cfg_for, image, shared_preprocess, shared_tokenizer
+from tests.test_data_wds import cfg_for, image
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture
-def tokenizer():
-    return shared_tokenizer()
-
-
-@pytest.fixture
-def preprocess():
-    return shared_preprocess()
 
 
 def make_csv(folder: str, rows: int, sep: str = "\t", bad: dict[int, str] | None = None) -> str:

@@ -14,19 +14,9 @@ from dsclip.config import ConfigError
 from dsclip.data import s3 as s3mod
 from dsclip.data.s3 import RetryingReader
 from dsclip.data.wds import WebDatasetSource
-from tests.test_data_wds import all_keys, cfg_for, make_shards, shared_preprocess, shared_tokenizer, source
+from tests.test_data_wds import all_keys, cfg_for, make_shards, source
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture
-def tokenizer():
-    return shared_tokenizer()
-
-
-@pytest.fixture
-def preprocess():
-    return shared_preprocess()
 
 
 @pytest.fixture(scope="module")

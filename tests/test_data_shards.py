@@ -11,19 +11,9 @@ import webdataset
 
 from dsclip.config import ConfigError
 from dsclip.data.shards import main, write_shards
-from tests.test_data_wds import all_keys, cfg_for, image, shared_preprocess, shared_tokenizer, source
+from tests.test_data_wds import all_keys, cfg_for, image, source
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture
-def tokenizer():
-    return shared_tokenizer()
-
-
-@pytest.fixture
-def preprocess():
-    return shared_preprocess()
 
 
 def image_folder(folder: str, n: int, size: int = 48) -> str:

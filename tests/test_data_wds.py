@@ -73,16 +73,6 @@ def shared_preprocess():
     return open_clip.image_transform(32, is_train=True)
 
 
-@pytest.fixture
-def tokenizer():
-    return shared_tokenizer()
-
-
-@pytest.fixture
-def preprocess():
-    return shared_preprocess()
-
-
 def source(cfg: Config, preprocess, tokenizer, rank: int = 0, world: int = 1, batch_size: int = 4, **kw):
     return WebDatasetSource(cfg, "train", preprocess, tokenizer, rank, world, batch_size, **kw)
 
