@@ -25,33 +25,42 @@ def _data(tokenizer, rank: int, world: int):
     return micro
 
 
-def _model():
+def _model(siglip: bool):
     import open_clip
 
     from dsclip.model import promote_scalar_params
 
     open_clip.add_model_config(TINY)
     torch.manual_seed(0)
-    model = open_clip.create_model("tiny-clip", output_dict=True)
+    extra = {"init_logit_bias": -2.0, "init_logit_scale": 1.0} if siglip else {}
+    model = open_clip.create_model("tiny-clip", output_dict=True, **extra)
     promote_scalar_params(model)
     return model
 
 
-def _accumulated_grads(rank: int, world: int, stage: int) -> dict[str, dict]:
-    return {mode: _grads_for(rank, world, stage, mode) for mode in ("contrastive", "plain")}
+def _loss(siglip: bool):
+    from dsclip.loss import ClipLoss, SigLipLoss
+
+    return SigLipLoss() if siglip else ClipLoss(local_loss=True, gather_with_grad=True)
 
 
-def _grads_for(rank: int, world: int, stage: int, mode: str):
+def _call(loss_fn, out):
+    return loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"))
+
+
+def _accumulated_grads(rank: int, world: int, stage: int, siglip: bool) -> dict[str, dict]:
+    return {mode: _grads_for(rank, world, stage, mode, siglip) for mode in ("contrastive", "plain")}
+
+
+def _grads_for(rank: int, world: int, stage: int, mode: str, siglip: bool):
     import deepspeed
     import open_clip
     from deepspeed.utils import safe_get_full_grad
 
     from dsclip.accumulate import contrastive_step
-    from dsclip.loss import ClipLoss
-
     os.environ.update({"LOCAL_RANK": str(rank), "RANK": str(rank), "WORLD_SIZE": str(world)})
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    model = _model()
+    model = _model(siglip)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ds = {"train_micro_batch_size_per_gpu": B, "gradient_accumulation_steps": K, "zero_optimization": {"stage": stage},
           "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
@@ -65,39 +74,40 @@ def _grads_for(rank: int, world: int, stage: int, mode: str):
             grads[name] = None if g is None else g.detach().clone().reshape(p.ds_shape if hasattr(p, "ds_shape")
                                                                               else p.shape)
 
-    loss_fn = ClipLoss(local_loss=True, gather_with_grad=True)
+    loss_fn = _loss(siglip)
     if mode == "contrastive":
         contrastive_step(engine, loss_fn, micro, before_last_step=read_grads)
     else:  # plain accumulation, for contrast: its gradient is NOT the big batch's
         for i, (img, txt) in enumerate(micro):
             out = engine(image=img, text=txt)
-            engine.backward(loss_fn(out["image_features"], out["text_features"], out["logit_scale"]))
+            engine.backward(_call(loss_fn, out))
             if i == K - 1:
                 read_grads()
             engine.step()
     return grads
 
 
-def _reference_grads(world: int):
+def _reference_grads(world: int, siglip: bool):
     """Single process: the global loss over the whole concatenated big batch."""
     import open_clip
 
-    from dsclip.loss import ClipLoss
-
-    model = _model()
+    model = _model(siglip)
     tok = open_clip.get_tokenizer("tiny-clip")
     parts = [m for r in range(world) for m in _data(tok, r, world)]
     img, txt = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     out = model(image=img, text=txt)
-    ClipLoss()(out["image_features"], out["text_features"], out["logit_scale"]).backward()
+    _call(_loss(siglip), out).backward()
     return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("stage", [2, 3])
-def test_contrastive_accumulation_equals_big_batch(stage):
-    ref = _reference_grads(2)
-    both = run_ranks(_accumulated_grads, 2, stage, timeout=600)[0]
+@pytest.mark.parametrize("loss,stage", [("clip", 2), ("clip", 3), ("siglip", 3)])
+def test_contrastive_accumulation_equals_big_batch(loss, stage):
+    """Also the distributed losses' exactness under ZeRO: DeepSpeed's averaged gradient equals the
+    single-process global loss's, for InfoNCE (ZeRO-2 and 3) and SigLIP (ZeRO-3)."""
+    siglip = loss == "siglip"
+    ref = _reference_grads(2, siglip)
+    both = run_ranks(_accumulated_grads, 2, stage, siglip, timeout=600)[0]
     got, plain = both["contrastive"], both["plain"]
     assert got.keys() == ref.keys()
     worst = max(float((got[n] - ref[n]).abs().max()) for n in ref)

@@ -27,6 +27,8 @@ def test_quick_demo_fine_tuning_raises_domain_b(tmp_path, capsys):
     assert demo.main(["--quick", "--out", str(out), "--nproc", "2"]) == 0
     printed = capsys.readouterr().out
     assert "WiSE-FT" in printed and "where things are" in printed
+    # fine-tuning on B at a high lr forgets A: the trainer's forgetting guard must say so
+    assert "WARNING: forgetting: zero-shot top-1 on A" in printed
 
     before, after = demo.zeroshot_before_after(str(out / "runs" / "finetune"))
     assert after["B"] > before["B"] + 0.10, (before, after)

@@ -36,6 +36,13 @@ _S3_ERROR = ('<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>
              '<RequestId>dsclip-fault-proxy</RequestId></Error>')
 
 
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:  # clients hang up on purpose here
+        pass
+
+
 def object_reads(method: str, path: str) -> bool:
     return method in ("GET", "HEAD") and urlsplit(path).path.endswith(".tar")
 
@@ -56,6 +63,7 @@ class FaultProxy:
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._outage_timer: threading.Timer | None = None
+        self._down = False
 
     @property
     def endpoint(self) -> str:
@@ -66,14 +74,14 @@ class FaultProxy:
     def start(self) -> FaultProxy:
         for attempt in range(50):  # after an outage the old socket may linger for a moment
             try:
-                server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler_class())
+                server = _QuietServer(("127.0.0.1", self.port), self._handler_class())
                 break
             except OSError:
                 if attempt == 49:
                     raise
                 time.sleep(0.1)
-        server.daemon_threads = True
         self._server = server
+        self._down = False
         self.port = server.server_address[1]
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
@@ -88,9 +96,11 @@ class FaultProxy:
             self._thread.join(timeout=5)
 
     def outage(self, seconds: float) -> None:
-        """Refuse connections for ``seconds`` (in the background), then serve again."""
+        """Refuse connections for ``seconds`` (in the background), then serve again.  Kept-alive
+        connections are cut too: a stopped server answers nothing."""
         with self._lock:
             self.counts["outages"] += 1
+            self._down = True
         threading.Thread(target=self.stop, daemon=True).start()
         self._outage_timer = threading.Timer(seconds, self.start)
         self._outage_timer.daemon = True
@@ -136,6 +146,9 @@ class FaultProxy:
             def _relay(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
+                if proxy._down:
+                    self._close_abruptly()
+                    return
                 action = proxy._decide(self.command, self.path)
                 if proxy.delay:
                     time.sleep(proxy.delay)
@@ -162,10 +175,11 @@ class FaultProxy:
                 with proxy._lock:
                     proxy.counts["forwarded"] += 1
                 self.send_response(status, reason)
-                for k, v in headers:
-                    if k.lower() not in _HOP_BY_HOP and k.lower() != "content-length":
+                for k, v in headers:  # a HEAD answer keeps the object's Content-Length
+                    if k.lower() not in _HOP_BY_HOP and (k.lower() != "content-length" or self.command == "HEAD"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                if self.command != "HEAD":
+                    self.send_header("Content-Length", str(len(data)))
                 if action == "drop" and len(data) > 1:
                     with proxy._lock:
                         proxy.counts["injected_drop"] += 1
@@ -195,7 +209,8 @@ class FaultProxy:
                 self.send_header("Content-Type", "application/xml")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data)
+                if self.command != "HEAD":  # S3 answers a failed HEAD with the status alone
+                    self.wfile.write(data)
 
             def _close_abruptly(self) -> None:
                 self.close_connection = True
