@@ -309,7 +309,7 @@ def _worker(stats_dir: str, argv: list[str]) -> int:
         return run
 
     T.setup = instrumented_setup
-    meter_next = T._Meter.next_batch
+    meter_next = T.ProgressMeter.next_batch
 
     def next_batch(self, it):
         t = time.perf_counter()
@@ -318,7 +318,7 @@ def _worker(stats_dir: str, argv: list[str]) -> int:
         finally:
             cur["data"] += time.perf_counter() - t
 
-    T._Meter.next_batch = next_batch
+    T.ProgressMeter.next_batch = next_batch
 
     def finish(run):
         """Record, then end without the final checkpoint and export (not part of training)."""

@@ -14,7 +14,8 @@ from dsclip.config import Config, load_yaml, parse_args
 from tests.launch import TINY
 
 TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dsclip", "templates")
-EXPECTED = {"quick", "production", "conservative", "domain_adaptation", "lit"}
+EXPECTED = {"quick", "production", "conservative", "domain_adaptation", "lit", "multilingual", "high_resolution",
+            "wiseft"}
 TEMPLATES = sorted(glob.glob(os.path.join(TEMPLATE_DIR, "*.yaml")))
 
 
