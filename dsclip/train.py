@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from dsclip.config import Config, ConfigError, parse_args
+from dsclip.config import Config, ConfigError, mask_url_credentials, parse_args
 from dsclip.faultinject import after_step_fault, trace_keys
 from dsclip.progress import ProgressMeter, meminfo_kib, memory_kib, report_memory
 
@@ -154,6 +154,13 @@ def setup(cfg: Config) -> Run:
         _check_memory(cfg, ds, precision, ctx)
     partitioned = zero_stage(ds) == 3 and cfg.model.zero_init != "off"
     resume = _find_resume(cfg, ckpt_dir, ctx)
+    if resume is not None:  # vet the pickles; another world size loads through a universal checkpoint
+        from dsclip.reshard import merge_config, prepare_resume
+
+        load_dir, load_tag, overrides = prepare_resume(*resume, ctx.world, ctx.rank,
+                                                       trust=cfg.model.trust_checkpoint)
+        ds = merge_config(ds, overrides)
+        resume = (*resume, load_dir, load_tag)
     bundle = create_model(cfg, ctx.device, load_weights=resume is None, zero3_config=ds if partitioned else None)
     frozen = apply_strategy(bundle.model, cfg)
     groups = param_groups_for(bundle.model, cfg)
@@ -262,7 +269,8 @@ def _find_resume(cfg: Config, ckpt_dir: str, ctx) -> tuple[str, str] | None:
             if ctx.is_main:  # a fresh pod: fetch the run from object storage
                 fetched = ckpt.download_latest(cfg.run.remote_sync, ckpt_dir)
                 if fetched:
-                    print(f"[dsclip] downloaded {fetched} from {cfg.run.remote_sync}", flush=True)
+                    print(f"[dsclip] downloaded {fetched} from {mask_url_credentials(cfg.run.remote_sync)}",
+                          flush=True)
             dist.barrier()
     else:
         ckpt_dir, tag = ckpt.locate(cfg.run.resume)
@@ -276,15 +284,14 @@ def _find_resume(cfg: Config, ckpt_dir: str, ctx) -> tuple[str, str] | None:
     return ckpt_dir, tag
 
 
-def _load_resume(run: Run, ckpt_dir: str, tag: str) -> None:
+def _load_resume(run: Run, ckpt_dir: str, tag: str, load_dir: str, load_tag: str) -> None:
+    """Load ``ckpt_dir/tag``, through its universal copy ``load_dir/load_tag`` when it was saved by
+    another world size (see dsclip.reshard)."""
     from dsclip import checkpoint as ckpt
+    from dsclip.reshard import universal_load
 
-    saved_world = ckpt.read_meta(os.path.join(ckpt_dir, tag)).get("world_size", run.ctx.world)
-    if saved_world != run.ctx.world and run.meta["zero_stage"] > 0:
-        raise ConfigError(f"{tag} was saved by {saved_world} ranks but this job has {run.ctx.world}; ZeRO optimizer "
-                          f"shards do not re-split by themselves: resume with {saved_world} ranks, or start a new run "
-                          f"with --pretrained {os.path.join(ckpt_dir, tag)}")
-    client = ckpt.load_checkpoint(run.engine, ckpt_dir, tag, run.ctx.rank)
+    with universal_load(run.engine, load_dir, load_tag):
+        client = ckpt.load_checkpoint(run.engine, load_dir, load_tag, run.ctx.rank)
     run.state = TrainState(client["step"], client["epoch"], client["batch_in_epoch"], client["samples_seen"])
     if run.guards is not None and client.get("guards"):
         run.guards.load_state_dict(client["guards"])  # keeps the forgetting baseline and the best value
