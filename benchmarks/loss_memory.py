@@ -39,20 +39,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dsclip.loss import ClipLoss
+from dsclip.progress import memory_kib
 from tests.distributed import run_ranks
 
 GIB = 2**30
 FIT_BUDGET = 8 * GIB
 MODES = ("naive", "local")
 REF_MODES = ("open_clip naive", "open_clip local")
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} missing from /proc/self/status")
 
 
 def _reset_peak_rss() -> None:
@@ -70,11 +63,11 @@ def _one_step(
     gc.collect()
     dist.barrier()
     _reset_peak_rss()
-    before = _status_kib("VmRSS")
+    before = memory_kib("VmRSS")
     start, cpu_start = time.perf_counter(), time.process_time()
     loss_fn(img, txt, scale).backward()
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    peak = _status_kib("VmHWM") - before
+    peak = memory_kib("VmHWM") - before
     dist.barrier()
     return peak * 1024, elapsed, cpu
 

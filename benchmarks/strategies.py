@@ -41,19 +41,12 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch
 
+from dsclip.progress import memory_kib
 from tests.distributed import run_ranks
 
 MIB = 2**20
 STRATEGIES = ("full", "partial", "lock-image", "lock-text", "lit")
 TINY_JSON = ROOT / "tests" / "assets" / "tiny-clip.json"
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} missing from /proc/self/status")
 
 
 def _reset_peak_rss() -> None:
@@ -102,7 +95,7 @@ def _measure(strategy: str, rank: int, world: int, smoke: bool, batch: int, step
 
     gc.collect()
     dist.barrier()
-    base_rss = _status_kib("VmRSS")
+    base_rss = memory_kib("VmRSS")
     _reset_peak_rss()
     torch.manual_seed(rank)
     model = open_clip.create_model(_model_name(strategy, smoke))
@@ -132,7 +125,7 @@ def _measure(strategy: str, rank: int, world: int, smoke: bool, batch: int, step
         if i > 0:  # the first step allocates the optimizer state
             times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
-    peak = _status_kib("VmHWM")
+    peak = memory_kib("VmHWM")
     row = {"strategy": strategy, "rank": rank, "trainable_params": trainable, "total_params": total,
            "frozen_tensors": len(frozen), "groups": len(groups), "peak_rss_bytes": peak * 1024,
            "peak_rise_bytes": (peak - base_rss) * 1024, "step_s": statistics.median(times),
