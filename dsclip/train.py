@@ -105,8 +105,6 @@ def validate(cfg: Config) -> None:
 
         if not torch.cuda.is_available():
             raise ConfigError("--precision fp16 is not supported on CPU; use --precision bf16 or fp32")
-    if cfg.loss.siglip and not cfg.loss.local_loss:
-        pass  # SigLIP is always computed blockwise; the flag is irrelevant there
 
 
 # ---------------------------------------------------------------- setup
@@ -221,7 +219,7 @@ def setup(cfg: Config) -> Run:
 
 def _check_memory(cfg: Config, ds: dict, precision: str, ctx) -> None:
     """Refuse, before building anything, a plan whose estimate exceeds this rank's memory."""
-    from dsclip.engine import zero_stage
+    from dsclip.engine import offloads_optimizer, zero_stage
     from dsclip.plan import GIB, check_fits
 
     if ctx.device.type != "cpu":
@@ -230,8 +228,7 @@ def _check_memory(cfg: Config, ds: dict, precision: str, ctx) -> None:
         budget = get_accelerator().total_memory(ctx.local_rank) / GIB
     else:
         budget = meminfo_kib("MemAvailable") * 1024 / GIB / max(1, ctx.local_world)
-    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
-    if budget > 0 and not offload:
+    if budget > 0 and not offloads_optimizer(ds):
         check_fits(cfg, zero_stage(ds), precision, ctx.world, budget)
 
 

@@ -46,10 +46,8 @@ def build_source(cfg: Config, split: str, preprocess: Callable, tokenizer: Calla
     d = cfg.data
     urls = d.train_data if split == "train" else d.val_data
     kind = resolve_dataset_type(urls, d.dataset_type)
-    if split == "val" and not urls and kind != "synthetic":
-        return None
-    if split == "val" and not urls and d.dataset_type == "auto":
-        return None
+    if split == "val" and not urls and (kind != "synthetic" or d.dataset_type == "auto"):
+        return None  # synthetic val data only when asked for explicitly
     bs = batch_size or cfg.optim.batch_size
     if kind == "synthetic":
         from .synthetic import SyntheticSource

@@ -18,7 +18,6 @@ import io
 import logging
 import os
 import queue
-import re
 import shlex
 import subprocess
 import threading
@@ -28,7 +27,7 @@ import urllib.request
 from collections.abc import Callable
 from typing import IO, Any
 
-from ..config import ConfigError
+from ..config import ConfigError, mask_url_credentials
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +42,7 @@ class ShardReadError(OSError):
 
 def safe_url(url: str) -> str:
     """The URL with any ``user:password@`` part hidden."""
-    return re.sub(r"(://)[^/@]+@", r"\1***@", url)
+    return mask_url_credentials(url)
 
 
 def s3_endpoint(explicit: str | None = None) -> str | None:
