@@ -95,6 +95,31 @@ def median(xs: list[float]) -> float:
 
 # ---------------------------------------------------------------- dsclip launches
 
+def run_job(cmd: list[str], timeout: float, **kw) -> subprocess.CompletedProcess:
+    """Run a job (launcher and ranks) in its own session, stdout+stderr merged; on a timeout, or
+    when the launcher exits first, no rank is left running."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kw)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_session(proc)
+        out, _ = proc.communicate()
+        raise RuntimeError(f"{' '.join(cmd[:6])} ... still running after {timeout:.0f}s; killed:\n{out[-4000:]}") from None
+    finally:
+        _kill_session(proc)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out)
+
+
+def _kill_session(proc: subprocess.Popen) -> None:
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -136,8 +161,7 @@ def launch_dsclip(model: str, batch: int, steps: int, zero: str = "zero2", nproc
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
                    "127.0.0.1", "--master_port", str(_free_port()), *wrapper, *args]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, check=False, cwd=ROOT, env=_env(threads, env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, timeout=timeout)
+        proc = run_job(cmd, timeout, cwd=ROOT, env=_env(threads, env))
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             raise RuntimeError(f"dsclip run failed (exit {proc.returncode}; {' '.join(cmd)}):\n{proc.stdout[-4000:]}")
@@ -191,8 +215,7 @@ def launch_open_clip(model: str, batch: int, steps: int, threads: int, warmup: i
                 "--lr", "1e-4", "--warmup", "0", "--logs", "none", "--name", "oc", "--seed", "0"]
         code = pre + f"from open_clip_train.main import main; main({argv!r})"
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", code], check=False, cwd=tmp, env=_env(threads), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        proc = run_job([sys.executable, "-c", code], timeout, cwd=tmp, env=_env(threads))
         wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"open_clip_train failed (exit {proc.returncode}; -9 is SIGKILL, e.g. out of memory):\n{proc.stdout[-4000:]}")

@@ -17,12 +17,14 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import run_job
 
 from tests.launch import TINY, free_port
 
@@ -41,8 +43,7 @@ def launch(model: str, stage: int, logs: str, name: str, steps: int, size: int |
         cmd += ["--force-image-size", str(size)]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=timeout, check=False)
+    proc = run_job(cmd, timeout, cwd=ROOT, env=env)
     return proc.returncode, proc.stdout, time.monotonic() - t0
 
 

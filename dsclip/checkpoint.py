@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .faultinject import save_fault
+from .faultinject import save_fault, save_fault_inside
 
 MANIFEST = "dsclip_manifest.json"
 LATEST = "latest"
@@ -141,7 +141,9 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: dict[str, An
     if rank == 0 and os.path.isdir(tag_dir):  # a torn save of this very step: start clean
         shutil.rmtree(tag_dir)
     dist.barrier()
-    engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
+    # DeepSpeed writes the model states, then each rank's optimizer states (ZeRO shards)
+    with save_fault_inside(engine, "_save_zero_checkpoint", "before_optimizer_states", step):
+        engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
     save_fault("after_engine_save", step)
     rng_path = os.path.join(tag_dir, f"rng_rank{rank}.pt")
     torch.save(rng_state(), rng_path + ".tmp")

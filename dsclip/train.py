@@ -483,6 +483,16 @@ def _probe_embeddings(run: Run) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- entry
 
+def _one_line(e: BaseException) -> str:
+    """The error's own message.  An error raised in a DataLoader worker arrives re-wrapped with
+    the worker's traceback; its last line is the original ``module.Type: message``."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return text
+    last = [ln for ln in text.splitlines() if ln.strip()][-1]
+    return last.split(f"{type(e).__name__}: ", 1)[-1]
+
+
 def main(argv: list[str] | None = None) -> int:
     from dsclip.engine import env_rank
 
@@ -497,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # unreadable training data: one clear line, no traceback wall
         if type(e).__name__ != "DataError":
             raise
-        print(f"dsclip: error: rank {env_rank()}: {e}", file=sys.stderr, flush=True)
+        print(f"dsclip: error: rank {env_rank()}: {_one_line(e)}", file=sys.stderr, flush=True)
         return 1
     return 0
 

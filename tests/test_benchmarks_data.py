@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.launch import run_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
 def test_data_throughput_smoke(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "data_throughput.py"), "--smoke",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_process([sys.executable, str(ROOT / "benchmarks" / "data_throughput.py"), "--smoke",
+                        "--out", str(tmp_path)], 300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:]
     for name in ("s3_local_ratio", "loader_step_ratio"):
         values = [float(v) for v in re.findall(rf"^{name}\[w[12]\]: ([0-9.]+)", proc.stdout, re.MULTILINE)]
         assert len(values) == 2 and all(v > 0 for v in values), proc.stdout

@@ -3,26 +3,21 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.launch import run_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.dist
 def test_loss_memory_smoke(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "loss_memory.py"), "--smoke", "--out", str(tmp_path)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run_process([sys.executable, str(ROOT / "benchmarks" / "loss_memory.py"), "--smoke", "--out",
+                        str(tmp_path)], 300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-4000:]
     assert "naive/local memory ratio" in proc.stdout
     assert "largest global batch in 8 GiB/rank" in proc.stdout
     report = json.loads((tmp_path / "loss_memory.json").read_text())

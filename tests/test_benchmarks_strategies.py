@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.launch import run_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.dist
 def test_strategies_benchmark_smoke(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "strategies.py"), "--smoke", "--out", str(tmp_path)],
-        check=False, capture_output=True, text=True, timeout=300, cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_process([sys.executable, str(ROOT / "benchmarks" / "strategies.py"), "--smoke", "--out",
+                        str(tmp_path)], 300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:]
     report = json.loads((tmp_path / "strategies.json").read_text())
     rows = {r["strategy"]: r for r in report["rows"]}
     assert set(rows) == {"full", "partial", "lock-image", "lock-text", "lit"}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from tests.launch import cpu_env, launch_train, tiny_args
+from tests.launch import cpu_env, launch_many, launch_train, tiny_args
 
 pytestmark = pytest.mark.dist
 
@@ -43,19 +43,18 @@ def test_s3_training_and_exact_sample_resume(tmp_path, s3_server, s3_bucket):
     # 96 samples, 2 ranks x batch 4: 12 steps/epoch; 2 epochs; checkpoint every 5 steps (mid-epoch)
     common = ["--train-data", url, "--dataset-type", "webdataset", "--train-num-samples", "96", "--epochs", "2",
               "--workers", "1", "--save-every-n-steps", "5", "--shuffle-buffer", "8", *NO_EVAL]
-    for name in ("full", "crash"):
+    for name in ("full", "crash", "resumed"):
         (tmp_path / f"keys-{name}").mkdir()
-    proc = launch_train(tiny_args(str(tmp_path), "full", *common),
-                        env=cpu_env(DSCLIP_TRACE_KEYS=str(tmp_path / "keys-full")))
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    assert "2 rank(s)" in proc.stdout and "ZeRO-2" in proc.stdout
-
     crashed = tiny_args(str(tmp_path), "crash", *common)
-    proc = launch_train(crashed, env=cpu_env(DSCLIP_TRACE_KEYS=str(tmp_path / "keys-crash"),
-                                             DSCLIP_FAULT="kill_at_step:8"))
-    assert proc.returncode != 0
-    (tmp_path / "keys-resumed").mkdir()
-    proc = launch_train(crashed + ["--resume", "latest"],
+    # one job: the uninterrupted run, then the same run SIGKILLed after step 8 (checkpoint at 5)
+    results, job = launch_many({
+        "full": (tiny_args(str(tmp_path), "full", *common), {"DSCLIP_TRACE_KEYS": str(tmp_path / "keys-full")}),
+        "crash": (crashed, {"DSCLIP_TRACE_KEYS": str(tmp_path / "keys-crash"), "DSCLIP_FAULT": "kill_at_step:8"}),
+    }, launcher="torchrun")
+    assert results["full"].returncode == 0, results["full"].stdout[-3000:]
+    assert "2 rank(s)" in results["full"].stdout and "ZeRO-2" in results["full"].stdout
+    assert job.returncode != 0 and results["crash"].returncode != 0
+    proc = launch_train(crashed + ["--resume", "latest"], launcher="torchrun",
                         env=cpu_env(DSCLIP_TRACE_KEYS=str(tmp_path / "keys-resumed")))
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "resumed step_00000005" in proc.stdout and "batch 5" in proc.stdout

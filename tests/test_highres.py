@@ -8,7 +8,7 @@ import open_clip
 import pytest
 import torch
 
-from tests.launch import TINY, launch_train, tiny_args
+from tests.launch import TINY, launch_many, tiny_args
 
 pytestmark = pytest.mark.dist
 
@@ -26,34 +26,48 @@ def _export_matches(run_dir, size) -> None:
     assert (out["image_features"] - probe["image_features"]).abs().max() < 1e-5
 
 
-def test_finetune_at_higher_resolution_under_zero3(tmp_path):
+@pytest.fixture(scope="module")
+def highres_runs(tmp_path_factory):
+    """One 2-rank job: a 32 px base run, its 48 px and 32x48 fine-tunes, a resume of the latter
+    (all ZeRO-3, partitioned build), and a ZeRO-2 run with gradient checkpointing and a frozen tower."""
+    root = tmp_path_factory.mktemp("highres")
     z3 = ["--ds_config", "ds_configs/zero3.json", *NO_EVAL]
-    proc = launch_train(tiny_args(str(tmp_path), "base", *z3, "--max-steps", "2"))
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    base = str(tmp_path / "base" / "final.safetensors")
+    base = str(root / "base" / "final.safetensors")
+    finetune = ["--pretrained", base, "--grad-checkpointing"]
+    runs = {
+        "base": tiny_args(str(root), "base", *z3, "--max-steps", "2"),
+        "sq48": tiny_args(str(root), "sq48", *z3, *finetune, "--force-image-size", "48", "--max-steps", "4",
+                          "--save-every-n-steps", "2"),
+        "r32x48": tiny_args(str(root), "r32x48", *z3, *finetune, "--force-image-size", "32", "48",
+                            "--max-steps", "4", "--save-every-n-steps", "2"),
+        # weights come from the checkpoint, already at the new size
+        "resume": tiny_args(str(root), "r32x48", *z3, *finetune, "--force-image-size", "32", "48",
+                            "--max-steps", "6", "--resume", "latest"),
+        "gc": tiny_args(str(root), "gc", "--ds_config", "ds_configs/zero2.json", "--grad-checkpointing",
+                        "--lock-image", "--max-steps", "3", *NO_EVAL),
+    }
+    results, _ = launch_many(runs, nproc=2, launcher="torchrun", timeout=900)
+    return root, results
 
+
+def test_finetune_at_higher_resolution_under_zero3(highres_runs):
+    root, results = highres_runs
+    assert results["base"].returncode == 0, results["base"].stdout[-3000:]
     for name, size, grid in (("sq48", ["48"], "4x4 -> 6x6"), ("r32x48", ["32", "48"], "4x4 -> 4x6")):
-        args = tiny_args(str(tmp_path), name, *z3, "--pretrained", base, "--force-image-size", *size,
-                         "--grad-checkpointing", "--max-steps", "4", "--save-every-n-steps", "2")
-        proc = launch_train(args)
+        proc = results[name]
         assert proc.returncode == 0, proc.stdout[-3000:]
         assert "built partitioned" in proc.stdout and grid in proc.stdout
         hw = (int(size[0]), int(size[-1]))
-        _export_matches(tmp_path / name, hw)
+        _export_matches(root / name, hw)
 
-    # resume the 32x48 run: weights come from its checkpoint, already at the new size
-    args = tiny_args(str(tmp_path), "r32x48", *z3, "--pretrained", base, "--force-image-size", "32", "48",
-                     "--grad-checkpointing", "--max-steps", "6", "--resume", "latest")
-    proc = launch_train(args)
+    proc = results["resume"]
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "resumed step_00000004" in proc.stdout
     assert "positional_embedding" not in proc.stdout and "loaded pretrained" not in proc.stdout
-    _export_matches(tmp_path / "r32x48", (32, 48))
+    _export_matches(root / "r32x48", (32, 48))
 
 
-def test_grad_checkpointing_under_zero2_with_a_frozen_tower(tmp_path):
-    args = tiny_args(str(tmp_path), "gc", "--ds_config", "ds_configs/zero2.json", "--grad-checkpointing",
-                     "--lock-image", "--max-steps", "3", *NO_EVAL)
-    proc = launch_train(args)
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    assert (tmp_path / "gc" / "final.safetensors").exists()
+def test_grad_checkpointing_under_zero2_with_a_frozen_tower(highres_runs):
+    root, results = highres_runs
+    assert results["gc"].returncode == 0, results["gc"].stdout[-3000:]
+    assert (root / "gc" / "final.safetensors").exists()

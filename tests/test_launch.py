@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from dsclip.config import Config, parse_args
-from tests.launch import ROOT, TINY, cpu_env, free_port
+from tests.launch import ROOT, TINY, cpu_env, free_port, run_process
 
 LAUNCH = os.path.join(ROOT, "launch")
 K8S_FILES = sorted(glob.glob(os.path.join(LAUNCH, "k8s", "*.yaml")))
@@ -140,8 +140,7 @@ def slurm_tools(bin_dir: str) -> None:
 def run_script(script: str, env: dict[str, str], bin_dir: str, args: tuple[str, ...] = (),
                timeout: float = 60) -> subprocess.CompletedProcess:
     env = dict(env, PATH=bin_dir + os.pathsep + env.get("PATH", ""))
-    return subprocess.run(["bash", "-c", script, "launch-script", *args], check=False, cwd=ROOT, env=env,
-                          text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+    return run_process(["bash", "-c", script, "launch-script", *args], timeout, cwd=ROOT, env=env)
 
 
 def record(tool: str, script: str, env: dict[str, str], tmp_path, args: tuple[str, ...] = ()) -> list[str]:
@@ -431,6 +430,5 @@ def test_deepspeed_hostfile_no_ssh(tmp_path):
            "--node_rank", "0", "--master_addr", "127.0.0.1", "--master_port", str(free_port()), TRAIN,
            "--ds_config", "ds_configs/zero2.json", *TINY_OVERRIDES,
            "--logs-dir", str(tmp_path), "--name", "ds"]
-    proc = subprocess.run(cmd, check=False, cwd=ROOT, env=clean_env(), text=True, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT)
+    proc = run_process(cmd, RUN_TIMEOUT, cwd=ROOT, env=clean_env())
     assert_trained(proc, tmp_path / "ds")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -16,7 +15,7 @@ from safetensors.torch import save_file
 
 from dsclip import pretrained as P
 from dsclip.config import ConfigError
-from tests.launch import ROOT, TINY, cpu_env, free_port
+from tests.launch import ROOT, TINY, cpu_env, free_port, run_process
 
 with open(TINY) as _fh:
     TINY_CFG = json.load(_fh)
@@ -331,8 +330,7 @@ def ds_checkpoint(tmp_path_factory):
     script.write_text(_DS_SCRIPT.format(tiny=TINY))
     env = cpu_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
                   LOCAL_RANK="0")
-    proc = subprocess.run([sys.executable, str(script), str(out), "2"], cwd=ROOT, env=env, text=True, check=False,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    proc = run_process([sys.executable, str(script), str(out), "2"], 300, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:]
     return out
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from dsclip import strategies as S
 from dsclip.config import parse_args
-from tests.launch import TINY, launch_train, tiny_args
+from tests.launch import TINY, launch_many, tiny_args
 
 pytestmark = pytest.mark.dist
 
@@ -63,19 +63,36 @@ def _start_weights(tmp_path, model_json: str) -> tuple[str, dict[str, torch.Tens
     return str(start), sd, trunk_ckpt
 
 
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
-@pytest.mark.parametrize("strategy", list(STRATEGIES))
-def test_strategy_trains_only_what_it_should(tmp_path, strategy, stage):
-    model_json = _lit_model_config(tmp_path) if strategy == "lit" else TINY
-    start, start_sd, trunk_ckpt = _start_weights(tmp_path, model_json)
+def _strategy_run(root, strategy: str, stage: str) -> tuple[list[str], str, dict[str, torch.Tensor]]:
+    """(train args, model json, start weights) of one strategy's run under ``root``."""
+    folder = root / strategy
+    folder.mkdir()
+    model_json = _lit_model_config(folder) if strategy == "lit" else TINY
+    start, start_sd, trunk_ckpt = _start_weights(folder, model_json)
     extra = ["--strategy", strategy, *STRATEGIES[strategy], "--pretrained", start]
     if trunk_ckpt:
         extra += ["--pretrained-image", trunk_ckpt]
-    args = tiny_args(str(tmp_path), "run", "--ds_config", f"ds_configs/{stage}.json", *SHORT, *extra)
+    args = tiny_args(str(folder), "run", "--ds_config", f"ds_configs/{stage}.json", *SHORT, *extra)
     args[args.index("--model") + 1] = model_json
-    proc = launch_train(args, nproc=2, launcher="deepspeed", timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:]
-    run_dir = tmp_path / "run"
+    return args, model_json, start_sd
+
+
+@pytest.fixture(scope="module", params=[("zero2", "deepspeed"), ("zero3", "torchrun")], ids=["zero2", "zero3"])
+def strategy_runs(request, tmp_path_factory):
+    """Every strategy's run under one ZeRO stage, one after another in one 2-rank job."""
+    stage, launcher = request.param
+    root = tmp_path_factory.mktemp(stage)
+    runs = {s: _strategy_run(root, s, stage) for s in STRATEGIES}
+    results, _ = launch_many({s: r[0] for s, r in runs.items()}, nproc=2, launcher=launcher, timeout=900)
+    return root, runs, results
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_strategy_trains_only_what_it_should(strategy_runs, strategy):
+    root, runs, results = strategy_runs
+    args, model_json, start_sd = runs[strategy]
+    assert results[strategy].returncode == 0, results[strategy].stdout[-4000:]
+    run_dir = root / strategy / "run"
 
     # what the strategy should freeze, computed here on a fresh copy of the model
     cfg = parse_args(args)

@@ -14,6 +14,7 @@ credentials: URLs are masked before they are printed.
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
@@ -38,6 +39,11 @@ DEFAULT_BLOCK_SIZE = 8 << 20
 
 class ShardReadError(OSError):
     """A shard could not be read even after retries."""
+
+
+class StorageAuthError(ShardReadError):
+    """Storage refused the credentials (expired, invalid or missing).  Every other shard would
+    fail the same way, so this stops the run instead of skipping the shard."""
 
 
 def safe_url(url: str) -> str:
@@ -89,6 +95,31 @@ def is_permanent(exc: BaseException) -> bool:
     return name in ("NoCredentialsError", "PartialCredentialsError", "ParamValidationError")
 
 
+_AUTH_CODES = ("ExpiredToken", "InvalidToken", "TokenRefreshRequired", "InvalidAccessKeyId",
+               "SignatureDoesNotMatch", "RequestTimeTooSkewed", "AccessDenied")
+
+
+def auth_failure(exc: BaseException) -> str | None:
+    """Why ``exc`` means the credentials were refused, or None.
+
+    S3 answers a HEAD request without a body, so an expired session token shows up only as
+    "400 Bad Request" there (s3fs turns it into ``OSError(EINVAL)``); with a body the code
+    (``ExpiredToken``, ``InvalidAccessKeyId``, ...) is named."""
+    text = f"{type(exc).__name__}: {exc}"
+    code = next((c for c in _AUTH_CODES if c in text), None)
+    if code is not None:
+        return code
+    if type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
+        return type(exc).__name__
+    if isinstance(exc, PermissionError):
+        return "access denied"
+    if isinstance(exc, urllib.error.HTTPError) and exc.code in (401, 403):
+        return f"HTTP {exc.code}"
+    if isinstance(exc, OSError) and exc.errno == errno.EINVAL and "Bad Request" in str(exc):
+        return "400 Bad Request (S3 sends no error code for HEAD requests; usually an expired session token)"
+    return None
+
+
 class RetryingReader(io.RawIOBase):
     """A read-only stream over ``opener(offset)`` that survives transient errors.
 
@@ -127,6 +158,11 @@ class RetryingReader(io.RawIOBase):
                 return data
             except Exception as e:  # noqa: BLE001 - classified below
                 self._drop()
+                why = auth_failure(e)
+                if why is not None:
+                    raise StorageAuthError(f"{safe_url(self.name)}: storage refused the credentials ({why}); "
+                                           f"refresh them (AWS_* variables, AWS_PROFILE or the instance role) "
+                                           f"and restart with --resume latest") from None
                 if is_permanent(e) or failures >= self.retries:
                     raise ShardReadError(f"{safe_url(self.name)}: {type(e).__name__}: {e} "
                                          f"(at byte {self.pos}, {failures} retries)") from None

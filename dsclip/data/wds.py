@@ -50,7 +50,7 @@ import torch
 from PIL import Image
 
 from ..config import Config, ConfigError
-from .s3 import DEFAULT_BLOCK_SIZE, ShardReadError, open_shard, s3_endpoint, safe_url
+from .s3 import DEFAULT_BLOCK_SIZE, ShardReadError, StorageAuthError, open_shard, s3_endpoint, safe_url
 from .urls import ShardSet, mixing_weights, resolve_sources
 
 log = logging.getLogger(__name__)
@@ -257,7 +257,8 @@ def iter_tar(stream: Any, shard: str, counter: SkipCounter) -> Iterator[dict[str
     """Group the members of a tar stream into samples (dicts ext -> bytes, plus ``__key__``).
 
     Stops at the first error; the sample being assembled then is dropped and the shard is
-    counted as ``corrupt_tar`` (bad archive) or ``shard_failed`` (storage gave up).
+    counted as ``corrupt_tar`` (bad archive) or ``shard_failed`` (storage gave up).  Refused
+    credentials are a ``DataError``: no other shard would read either.
     """
     current: dict[str, Any] = {}
     try:
@@ -277,6 +278,8 @@ def iter_tar(stream: Any, shard: str, counter: SkipCounter) -> Iterator[dict[str
                 current = {}
             current["__key__"] = key
             current[ext] = data
+    except StorageAuthError as e:
+        raise DataError(str(e)) from None
     except ShardReadError as e:
         counter.skip("shard_failed", shard)
         log.warning("skipping the rest of shard %s: %s", shard, e)
@@ -497,6 +500,8 @@ class ShardPipeline(CountingPipeline):
         """The shard's byte stream (remote ones start reading ahead now), or None if it cannot open."""
         try:
             return open_shard(part.shard, self.retries, self.endpoint, self.block_size, self._on_retry)
+        except StorageAuthError as e:
+            raise DataError(str(e)) from None
         except OSError as e:
             self.counter.skip("shard_failed", self.names[part.shard])
             log.warning("cannot open shard %s: %s", self.names[part.shard], e)

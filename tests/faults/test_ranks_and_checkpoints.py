@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.launch import cpu_env, launch_train, tiny_args
+from tests.launch import cpu_env, launch_many, launch_train, tiny_args
 
 pytestmark = [pytest.mark.faults, pytest.mark.dist]
 
@@ -58,20 +58,53 @@ def test_hung_rank_is_reported_with_every_ranks_last_step(tmp_path, fault_row):
                      steps_lost=1, samples_lost=0, checkpoints_lost=0)
 
 
-@pytest.mark.parametrize("point", ["after_engine_save", "before_latest"])
-def test_sigkill_during_save_leaves_previous_checkpoint_valid(tmp_path, fault_row, point):
-    args = _args(tmp_path, "run")
-    proc = launch_train(args, env=cpu_env(DSCLIP_FAULT=f"kill_in_save:{point}:4"))
-    assert proc.returncode != 0
-    ckpts = tmp_path / "run" / "checkpoints"
-    assert (ckpts / "latest").read_text() == "step_00000002"  # never points at the torn save
-    assert (ckpts / "step_00000004").is_dir()
-    torn = not (ckpts / "step_00000004" / "dsclip_manifest.json").exists()
-    assert torn == (point == "after_engine_save")
-    proc = launch_train(args + ["--resume", "latest"])
+SAVE_POINTS = ["before_optimizer_states", "after_engine_save", "before_latest"]
+
+
+@pytest.fixture(scope="module")
+def torn_saves(tmp_path_factory):
+    """For each kill point: a run SIGKILLed (all ranks) at that point of its step-4 save, the
+    checkpoint dir as the crash left it, and the run resumed with --resume latest.  Each job
+    resumes the previous point's run, then crashes the next one: 4 jobs for 3 points."""
+    root = tmp_path_factory.mktemp("torn")
+    args = {p: _args(root, p) for p in SAVE_POINTS}
+    after_crash, resumed = {}, {}
+    for i in range(len(SAVE_POINTS) + 1):
+        runs = {}
+        if i > 0:
+            runs[f"resume-{SAVE_POINTS[i - 1]}"] = args[SAVE_POINTS[i - 1]] + ["--resume", "latest"]
+        if i < len(SAVE_POINTS):
+            p = SAVE_POINTS[i]
+            runs[f"crash-{p}"] = (args[p], {"DSCLIP_FAULT": f"kill_in_save:{p}:4"})
+        results, _ = launch_many(runs, launcher="torchrun", timeout=400)
+        for name, res in results.items():
+            kind, point = name.split("-", 1)
+            if kind == "resume":
+                resumed[point] = res
+                continue
+            ckpts = root / point / "checkpoints"
+            tag4 = ckpts / "step_00000004"
+            after_crash[point] = {"rc": res.returncode, "latest": (ckpts / "latest").read_text(),
+                                  "files": sorted(f.name for f in tag4.iterdir()) if tag4.is_dir() else None}
+    return root, after_crash, resumed
+
+
+@pytest.mark.parametrize("point", SAVE_POINTS)
+def test_sigkill_during_save_leaves_previous_checkpoint_valid(torn_saves, fault_row, point):
+    root, after_crash, resumed = torn_saves
+    crash = after_crash[point]
+    assert crash["rc"] != 0
+    assert crash["latest"] == "step_00000002"  # never points at the torn save
+    files = crash["files"]
+    assert files is not None and "mp_rank_00_model_states.pt" in files, files
+    optimizer_written = any(f.endswith("optim_states.pt") for f in files)
+    assert optimizer_written == (point != "before_optimizer_states"), files
+    assert ("dsclip_manifest.json" in files) == (point == "before_latest"), files
+    proc = resumed[point]
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "resumed step_00000002" in proc.stdout
-    assert (tmp_path / "run" / "final.safetensors").exists()
+    ckpts = root / point / "checkpoints"
+    assert (root / point / "final.safetensors").exists()
     assert os.path.isfile(ckpts / "step_00000016" / "dsclip_manifest.json")
     fault_row.update(fault=f"SIGKILL during checkpoint save ({point})", injected="SIGKILL all ranks in save of step 4",
                      outcome="latest still step 2; resumed from it and finished", steps_lost=2, samples_lost=0,

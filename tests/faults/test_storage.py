@@ -108,26 +108,27 @@ def test_reader_rides_through_a_storage_outage(s3_server, shards, monkeypatch, f
                      steps_lost=0, samples_lost=0, checkpoints_lost=0)
 
 
-@pytest.mark.xfail(strict=True, reason="hole in dsclip.data: an expired token is not fatal. Each shard is "
-                   "skipped as shard_failed (after 5 backoff retries when the HEAD request gets S3's body-less "
-                   "400) and the epoch ends with 'no usable sample ...; check the data'")
 def test_reader_stops_with_one_line_when_credentials_expire(s3_server, shards, monkeypatch, fault_row):
     from dsclip.data.wds import DataError
 
     url, _ = shards
     with FaultProxy(s3_server.endpoint, expired_after=2) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
-        src = _source(url, batch_size=6, shard_retries=2)
+        src = _source(url, batch_size=6, shard_retries=5)
+        t0 = time.monotonic()
         with pytest.raises(DataError) as err:
             _read_epoch(src)
+        elapsed = time.monotonic() - t0
     message, stats = str(err.value), src.stats()
+    assert proxy.counts["injected_expired"] >= 1, proxy.counts
+    assert "\n" not in message
+    assert stats["retries"] == 0 and stats["by_kind"] == {}, stats  # refused credentials: no retry, no skip
+    assert "credentials" in message and "--resume latest" in message, message
+    assert elapsed < 5, elapsed  # no backoff: 5 retries would sleep 7.75 s
     fault_row.update(fault="S3 credentials expire mid-epoch (reader)",
                      injected="400 ExpiredToken from the 3rd object request on",
-                     outcome=f"NOT CLEAR: {stats['by_kind']} after {stats['retries']} retries, then: {message[:70]}",
+                     outcome=f"DataError at once, 0 retries, 0 shards skipped: {message[:90]}",
                      steps_lost="-", samples_lost="-", checkpoints_lost=0)
-    assert "\n" not in message
-    assert stats["retries"] == 0  # a permanent error is not retried
-    assert "ExpiredToken" in message or "credential" in message.lower(), message
 
 
 # ---------------------------------------------------------------- a real training run
@@ -178,16 +179,17 @@ def test_training_stops_cleanly_when_credentials_expire(s3_server, s3_bucket, tm
     url, _ = _upload_shards(s3_server, s3_bucket, tmp_path / "shards", shards=8, per_shard=8)
     with FaultProxy(s3_server.endpoint, expired_after=9) as proxy:
         env = cpu_env(AWS_ENDPOINT_URL=proxy.endpoint)
-        # one retry: an expired token is retried like a transient error for now (see the reader test)
-        proc = launch_train(_train_args(tmp_path, url, "--batch-size", "8", "--shard-retries", "1"), nproc=1,
+        # a DataLoader worker reads the shards: its error reaches the trainer re-wrapped
+        proc = launch_train(_train_args(tmp_path, url, "--batch-size", "8", "--workers", "1"), nproc=1,
                             launcher="python", env=env, timeout=300)
     assert proc.returncode != 0
     errors = [ln for ln in proc.stdout.splitlines() if ln.startswith("dsclip: error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    assert "storage refused the credentials" in errors[0] and "--resume latest" in errors[0], errors
+    assert "retrying s3://" not in proc.stdout
     ckpts = tmp_path / "run" / "checkpoints"
     tags = _complete_tags(ckpts)
     assert tags and (ckpts / "latest").read_text() == tags[-1]  # what was saved stays loadable
-    # the line does not name the credentials yet: see test_reader_stops_with_one_line_when_credentials_expire
     fault_row.update(fault="S3 credentials expire mid-run (training)",
                      injected=f"400 ExpiredToken after {proxy.expired_after} object requests",
                      outcome=f"exit {proc.returncode}, one line: {errors[0][len('dsclip: error: '):][:70]}; "
