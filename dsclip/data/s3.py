@@ -112,7 +112,7 @@ def auth_failure(exc: BaseException) -> str | None:
     if type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
         return type(exc).__name__
     if isinstance(exc, PermissionError):
-        return "access denied"
+        return f"access denied: {str(exc)[:120]}"
     if isinstance(exc, urllib.error.HTTPError) and exc.code in (401, 403):
         return f"HTTP {exc.code}"
     if isinstance(exc, OSError) and exc.errno == errno.EINVAL and "Bad Request" in str(exc):
