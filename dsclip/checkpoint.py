@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import random
 import re
 import shutil
+import threading
+import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
+from .config import mask_url_credentials
 from .faultinject import save_fault, save_fault_inside
 
 MANIFEST = "dsclip_manifest.json"
@@ -161,6 +166,7 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: dict[str, An
 def prune(ckpt_dir: str, keep_last_n: int, protect: tuple[str, ...] = ()) -> None:
     if keep_last_n <= 0:
         return
+    protect = (*protect, *uploading(ckpt_dir))  # a tag still going up to --remote-sync stays until it is there
     tags = complete_tags(ckpt_dir)
     for t in tags[:-keep_last_n]:
         if t not in protect:
@@ -191,6 +197,21 @@ def read_meta(tag_dir: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- remote copies (--remote-sync)
+#
+# Rank 0 copies each complete tag on a background thread (``Uploader``), one tag at a time in the
+# order they were saved, so training goes on while a checkpoint travels.  A tag stays protected
+# from pruning until all of it is up (``prune`` asks ``uploading``), and ``latest`` follows its
+# tag's manifest.  Transient errors are retried with backoff; refused credentials, a missing
+# bucket or an outage longer than the retry budget end the run with one line (``RemoteSyncError``)
+# at the next checkpoint or at the end, with every local checkpoint left in place.
+
+# 0.5 s doubling, capped at 30 s: 10 retries ride out about 2.5 minutes of unreachable storage
+UPLOAD_RETRIES, UPLOAD_BACKOFF, UPLOAD_MAX_BACKOFF = 10, 0.5, 30.0
+
+
+class RemoteSyncError(RuntimeError):
+    """The remote copy cannot go on.  The message is one line naming the cause and the fix."""
+
 
 def _remote_fs(remote: str):
     if remote.startswith("s3://"):
@@ -203,34 +224,188 @@ def _remote_fs(remote: str):
     return fs, path.rstrip("/")
 
 
-def upload_checkpoint(ckpt_dir: str, tag: str, remote: str) -> None:
-    """Copy one complete tag to ``remote/checkpoints/<tag>/``, then the ``latest`` pointer last, so
-    the remote copy is never ahead of its data (rank 0 only; needs a shared checkpoint dir)."""
+def _retrying(fn: Callable[[], Any], what: str, remote: str, retries: int, backoff: float,
+              max_backoff: float) -> Any:
+    """``fn()``, retried on transient storage errors; anything else becomes a ``RemoteSyncError``."""
+    from .data.s3 import auth_failure, backoff_delays, is_permanent
+
+    where = f"--remote-sync {mask_url_credentials(remote)}"
+    delays = backoff_delays(retries, backoff, max_backoff)
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - classified below
+            error = mask_url_credentials(f"{type(e).__name__}: {e}".splitlines()[0][:200])
+            why = auth_failure(e)
+            if why is not None:
+                raise RemoteSyncError(f"{where}: storage refused the credentials ({why}) while {what}; refresh "
+                                      f"them (AWS_* variables, AWS_PROFILE or the instance role) and restart "
+                                      f"with --resume latest") from None
+            if isinstance(e, FileNotFoundError):
+                raise RemoteSyncError(f"{where}: {error} while {what}; check that the bucket exists and the "
+                                      f"URL names it") from None
+            if is_permanent(e):
+                raise RemoteSyncError(f"{where}: {error} while {what}; fix --remote-sync") from None
+            if attempt == retries:
+                raise RemoteSyncError(f"{where}: storage still failing after {retries} retries over "
+                                      f"{sum(delays):.0f}s while {what} ({error}); restart with --resume "
+                                      f"latest once it is reachable") from None
+            print(f"[dsclip] remote sync: retrying in {delays[attempt]:g}s after {error} while {what} "
+                  f"({attempt + 1}/{retries})", flush=True)
+            time.sleep(delays[attempt])
+
+
+def upload_checkpoint(ckpt_dir: str, tag: str, remote: str, retries: int = UPLOAD_RETRIES,
+                      backoff: float = UPLOAD_BACKOFF, max_backoff: float = UPLOAD_MAX_BACKOFF) -> None:
+    """Copy one complete tag to ``remote/checkpoints/<tag>/``, its manifest last, then the ``latest``
+    pointer, so the remote copy is never ahead of its data (needs a checkpoint dir that holds every
+    rank's files).  Raises ``RemoteSyncError``."""
     fs, base = _remote_fs(remote)
     tag_dir = os.path.join(ckpt_dir, tag)
-    for root, _, names in os.walk(tag_dir):
-        for n in sorted(names, key=lambda n: n == MANIFEST):  # the manifest goes up last
-            local = os.path.join(root, n)
-            fs.put_file(local, f"{base}/checkpoints/{tag}/{os.path.relpath(local, tag_dir)}")
-    with fs.open(f"{base}/checkpoints/{LATEST}", "w") as fh:
-        fh.write(tag)
+    files = sorted(os.path.relpath(os.path.join(root, n), tag_dir) for root, _, names in os.walk(tag_dir)
+                   for n in names)
+    for rel in sorted(files, key=lambda rel: rel == MANIFEST):
+        _retrying(lambda rel=rel: fs.put_file(os.path.join(tag_dir, rel), f"{base}/checkpoints/{tag}/{rel}"),
+                  f"uploading {tag}/{rel}", remote, retries, backoff, max_backoff)
+    _retrying(lambda: fs.pipe_file(f"{base}/checkpoints/{LATEST}", tag.encode()), f"uploading {LATEST}",
+              remote, retries, backoff, max_backoff)
 
 
-def download_latest(remote: str, ckpt_dir: str) -> str | None:
+def download_latest(remote: str, ckpt_dir: str, retries: int = UPLOAD_RETRIES, backoff: float = UPLOAD_BACKOFF,
+                    max_backoff: float = UPLOAD_MAX_BACKOFF) -> str | None:
     """Fetch the remote ``latest`` checkpoint into ``ckpt_dir``; returns its tag or None."""
     fs, base = _remote_fs(remote)
+
+    def retrying(fn, what):
+        return _retrying(fn, what, remote, retries, backoff, max_backoff)
+
     latest = f"{base}/checkpoints/{LATEST}"
-    if not fs.exists(latest):
+    if not retrying(lambda: fs.exists(latest), f"looking for {LATEST}"):
         return None
-    with fs.open(latest, "r") as fh:
-        tag = fh.read().strip()
+    tag = retrying(lambda: fs.cat_file(latest), f"reading {LATEST}").decode().strip()
     remote_tag = f"{base}/checkpoints/{tag}"
     local_tag = os.path.join(ckpt_dir, tag)
-    for path in fs.find(remote_tag):
+    for path in retrying(lambda: fs.find(remote_tag), f"listing {tag}"):
         rel = path[len(remote_tag):].lstrip("/")
         os.makedirs(os.path.dirname(os.path.join(local_tag, rel)), exist_ok=True)
-        fs.get_file(path, os.path.join(local_tag, rel))
+        retrying(lambda path=path, rel=rel: fs.get_file(path, os.path.join(local_tag, rel)), f"downloading {tag}/{rel}")
     if not is_complete(local_tag):
-        raise RuntimeError(f"remote checkpoint {remote_tag} is incomplete")
+        raise RuntimeError(f"remote checkpoint {mask_url_credentials(remote)}/checkpoints/{tag} is incomplete")
     atomic_write_text(os.path.join(ckpt_dir, LATEST), tag)
     return tag
+
+
+class Uploader:
+    """Rank 0's background copy of complete tags to ``remote``, in the order they were saved.
+
+    ``pending()`` is every tag submitted and not yet fully up; after a failure it keeps the failed
+    tag and those queued behind it, which exist only locally.  ``error`` holds the failure."""
+
+    def __init__(self, ckpt_dir: str, remote: str, retries: int = UPLOAD_RETRIES, backoff: float = UPLOAD_BACKOFF,
+                 max_backoff: float = UPLOAD_MAX_BACKOFF):
+        self.ckpt_dir, self.remote = ckpt_dir, remote
+        self._retry = (retries, backoff, max_backoff)
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._pending: list[str] = []
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self.uploaded: list[str] = []
+        self.error: RemoteSyncError | None = None
+        self._thread = threading.Thread(target=self._run, name="dsclip-remote-sync", daemon=True)
+        self._thread.start()
+
+    def submit(self, tag: str) -> None:
+        if self.error is not None:
+            raise self.error
+        with self._lock:
+            self._pending.append(tag)
+        self._queue.put(tag)
+
+    def pending(self) -> tuple[str, ...]:
+        with self._lock:
+            return tuple(self._pending)
+
+    def _run(self) -> None:
+        while (tag := self._queue.get()) is not None:
+            if self.error is not None or self._cancelled:
+                continue
+            try:
+                upload_checkpoint(self.ckpt_dir, tag, self.remote, *self._retry)
+            except RemoteSyncError as e:
+                self.error = e
+            except Exception as e:  # noqa: BLE001 - e.g. a local file that vanished; reported like the rest
+                self.error = RemoteSyncError(mask_url_credentials(
+                    f"--remote-sync {self.remote}: {type(e).__name__}: {e} while uploading {tag}"))
+            if self.error is None:
+                self.uploaded.append(tag)
+                with self._lock:
+                    self._pending.remove(tag)
+                print(f"[dsclip] uploaded {tag} to {mask_url_credentials(self.remote)}", flush=True)
+
+    def wait(self) -> list[str]:
+        """Block until every submitted tag is up; the tags uploaded.  Raises ``RemoteSyncError``."""
+        self._queue.put(None)
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.uploaded
+
+    def cancel(self) -> None:
+        """Stop after the file in flight, without waiting (the run is failing anyway)."""
+        self._cancelled = True
+        self._queue.put(None)
+
+
+_UPLOADERS: dict[str, Uploader] = {}  # by real checkpoint dir: this process's uploads
+
+
+def uploading(ckpt_dir: str) -> tuple[str, ...]:
+    """Tags of ``ckpt_dir`` that are not yet fully copied to the remote (keep them locally)."""
+    up = _UPLOADERS.get(os.path.realpath(ckpt_dir))
+    return up.pending() if up is not None else ()
+
+
+def sync_checkpoint(ckpt_dir: str, tag: str, remote: str, rank: int) -> None:
+    """After a save, on every rank (collective): rank 0 queues ``tag`` for upload.  When an earlier
+    upload failed, every rank raises its ``RemoteSyncError`` together, so that none is left
+    waiting for rank 0 in the next collective."""
+    import torch.distributed as dist
+
+    failure = None
+    if rank == 0:
+        key = os.path.realpath(ckpt_dir)
+        up = _UPLOADERS.get(key)
+        if up is None:
+            up = _UPLOADERS[key] = Uploader(ckpt_dir, remote)
+        if up.error is not None:
+            failure = str(up.error)
+        else:
+            if up.pending():  # uploads slower than checkpoints: say so, the local disk holds the backlog
+                print(f"[dsclip] remote sync: {tag} waits for {', '.join(up.pending())} to finish uploading "
+                      f"(kept locally until then)", flush=True)
+            up.submit(tag)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [failure]
+        dist.broadcast_object_list(box, src=0)
+        failure = box[0]
+    if failure is not None:
+        raise RemoteSyncError(failure)
+
+
+def finish_uploads() -> None:
+    """Wait for this process's uploads (the last checkpoint's, at the end of training)."""
+    while _UPLOADERS:
+        key, up = next(iter(_UPLOADERS.items()))
+        if up.pending():
+            print(f"[dsclip] waiting for {', '.join(up.pending())} to reach {mask_url_credentials(up.remote)}",
+                  flush=True)
+        try:
+            up.wait()
+        finally:
+            _UPLOADERS.pop(key, None)
+
+
+def cancel_uploads() -> None:
+    """Abandon this process's uploads; what is already up stays valid (``latest`` goes last)."""
+    while _UPLOADERS:
+        _UPLOADERS.popitem()[1].cancel()

@@ -67,10 +67,13 @@ class DataConfig:
     dataset_resampled: bool = opt(False, "sample shards with replacement")
     workers: int = opt(1, "data loader workers per rank")
     shuffle_buffer: int = opt(1000, "sample shuffle buffer size (webdataset)")
-    s3_endpoint_url: str | None = opt(None, "S3 endpoint (default: AWS_ENDPOINT_URL)")
+    s3_endpoint_url: str | None = opt(None, "S3 endpoint for the data and --remote-sync (default: "
+                                         "AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL)")
     allow_pipe_urls: bool = opt(False, "accept pipe: URLs, which run a shell command")
     max_skip_fraction: float = opt(0.01, "stop when more than this fraction of samples is unreadable")
-    shard_retries: int = opt(5, "retries per shard on transient storage errors before it is skipped")
+    shard_retries: int = opt(10, "retries per shard on transient storage errors before it is skipped; the "
+                             "backoff (0.25 s doubling, capped at 8 s) waits 47.75 s over the default 10, "
+                             "enough to ride out a 30 s storage outage")
     max_image_pixels: int = opt(89_478_485, "skip images with more pixels than this (decompression bombs)")
     csv_img_key: str = opt("filepath", "CSV column holding the image path")
     csv_caption_key: str = opt("title", "CSV column holding the caption")
@@ -154,7 +157,7 @@ class RunConfig:
                     aliases=("--logs-dir",))
     name: str | None = opt(None, "run name (default: a timestamp)")
     resume: str | None = opt(None, "resume from a checkpoint path or 'latest'")
-    precision: str = opt("auto", "numeric precision (auto: bf16 on GPUs that support it, else fp32)",
+    precision: str = opt("auto", "numeric precision (auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU)",
                          choices=("auto", "fp32", "bf16", "fp16"))
     seed: int = opt(0, "random seed")
     save_frequency: int = opt(1, "save a checkpoint every N epochs (0: only at the end)")
@@ -168,6 +171,8 @@ class RunConfig:
     dist_timeout: float = opt(300.0, "seconds before a stuck collective aborts the job")
     remote_sync: str | None = opt(None, "upload each completed checkpoint to this s3:// prefix")
     memory_check: bool = opt(True, "refuse up front when `dsclip plan`'s estimate exceeds this rank's memory")
+    memory_budget_gib: float | None = opt(None, "per-rank memory for that check (default: the device's memory; on "
+                                             "CPU the available RAM shared by the local ranks)")
     threads: int | None = opt(None, "torch CPU threads per rank (default: cores / local ranks)")
 
 
@@ -345,9 +350,20 @@ def parse_args(argv: list[str] | None = None) -> Config:
         if dest == "config":
             continue
         sec, f = fields[dest]
+        _refuse_url_credentials(flag_name(f), value)
         setattr(getattr(cfg, sec), f.name, _coerce(sec, f, value, "flag " + flag_name(f)))
         cfg.explicit.add(dest)
     return cfg
+
+
+def _refuse_url_credentials(flag: str, value: Any) -> None:
+    """A command line is not a safe place for a secret: launchers log it (the deepspeed launcher
+    prints every rank's full command) and ``ps`` shows it to every user of the machine."""
+    for text in value if isinstance(value, list) else [value]:
+        if isinstance(text, str) and mask_url_credentials(text) != text:
+            raise ConfigError(f"{flag} {mask_url_credentials(text)}: the URL carries credentials, and launchers "
+                              f"log the command line; put the URL in the --config YAML file, or give the "
+                              f"credentials through the environment or the AWS credential chain")
 
 
 def to_argv(cfg: Config, only_explicit: bool = False) -> list[str]:

@@ -93,12 +93,34 @@ def setup_distributed(cfg: Config) -> DistContext:
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=2 * cfg.run.dist_timeout + 60),
                                verbose=False)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if not on_gpu:
+        release_shm_buffer_name(rank)
     if on_gpu:
         acc.set_device(local_rank)
         device = torch.device(acc.device_name(local_rank))
     else:
         device = torch.device("cpu")
     return DistContext(rank, world, local_rank, local_world, device, backend)
+
+
+def release_shm_buffer_name(rank: int) -> None:
+    """Unlink this rank's DeepSpeed shared-memory allreduce buffer name (CPU accelerator).
+
+    DeepSpeed's shm comm op creates ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``
+    (~70 MB) per rank and removes it only on an orderly shutdown, so every killed or crashed job
+    leaves its buffers in RAM-backed /dev/shm for good.  Every rank maps every buffer inside
+    ``init_distributed``; once all have (the barrier), the names are no longer needed and the
+    memory goes back to the system when the last process holding the mapping exits, however
+    it exits."""
+    import torch.distributed as dist
+
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    dist.barrier()  # every rank has opened every buffer (called by all ranks, buffer or not)
+    try:
+        os.unlink(name)
+    except FileNotFoundError:  # multi-node jobs, or a DeepSpeed without the shm op
+        pass
 
 
 def _free_port() -> int:
@@ -135,14 +157,16 @@ def load_ds_config(path: str | None) -> dict[str, Any]:
             raise ConfigError(f"{path}: not valid JSON ({e}); fix the file") from None
 
 
-def _fill(section: dict, key: str, value: Any, flag: str | None, cfg: Config, where: str) -> None:
+def _fill(section: dict, key: str, value: Any, flag: str | tuple[str, ...] | None, cfg: Config,
+          where: str) -> None:
     """Fill ``section[key]``: "auto" or missing takes ``value``; an explicit JSON value must agree
-    with an explicitly set flag."""
+    with an explicitly set flag (any of ``flag`` when several flags make up the value)."""
     current = section.get(key, "auto")
     if current == "auto":
         section[key] = value
         return
-    if flag is not None and cfg.is_set(flag) and not _same(current, value):
+    flags = (flag,) if isinstance(flag, str) else flag or ()
+    if any(cfg.is_set(f) for f in flags) and not _same(current, value):
         raise ConfigError(f"ds_config {where}.{key}={current!r} contradicts the command line ({value!r}); "
                           f"set it to \"auto\" in the JSON or drop the flag")
 
@@ -180,7 +204,7 @@ def fill_ds_config(ds: dict[str, Any], cfg: Config, world: int, precision: str) 
         raise ConfigError(f"ds_config optimizer type {opt.get('type')!r} is not supported; use AdamW")
     params = opt.setdefault("params", {})
     _fill(params, "lr", o.lr, "optim.lr", cfg, "optimizer.params")
-    _fill(params, "betas", [o.beta1, o.beta2], None, cfg, "optimizer.params")
+    _fill(params, "betas", [o.beta1, o.beta2], ("optim.beta1", "optim.beta2"), cfg, "optimizer.params")
     _fill(params, "eps", o.eps, "optim.eps", cfg, "optimizer.params")
     _fill(params, "weight_decay", o.wd, "optim.wd", cfg, "optimizer.params")
     ds.setdefault("zero_optimization", {"stage": 0})
@@ -202,10 +226,11 @@ def offloads_optimizer(ds: dict[str, Any]) -> bool:
 def build_optimizer(groups: list[dict], ds: dict[str, Any], on_gpu: bool):
     """AdamW over dsclip's parameter groups.  dsclip builds the optimizer itself (from the JSON's
     filled-in params) so each group keeps its own lr/wd and extra keys, and so CPU runs need no
-    compiled optimizer op; ZeRO-Offload needs DeepSpeed's CPU Adam."""
+    compiled optimizer op.  ZeRO-Offload on GPUs uses DeepSpeed's CPU Adam; on CPU ranks the
+    optimizer state is in host memory anyway, so torch's AdamW serves (no op to compile)."""
     p = ds["optimizer"]["params"]
     betas = tuple(p["betas"])
-    if offloads_optimizer(ds):
+    if offloads_optimizer(ds) and on_gpu:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=p["lr"], betas=betas, eps=p["eps"], weight_decay=p["weight_decay"],
@@ -221,5 +246,7 @@ def initialize_engine(model: torch.nn.Module, groups: list[dict], ds: dict[str, 
     ds = copy.deepcopy(ds)
     ds.pop("optimizer", None)  # already built; DeepSpeed must not build a second one
     ds["zero_allow_untested_optimizer"] = True
+    if offloads_optimizer(ds) and not on_gpu:
+        ds["zero_force_ds_cpu_optimizer"] = False  # torch AdamW on CPU ranks, see build_optimizer
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     return engine

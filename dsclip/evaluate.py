@@ -387,6 +387,7 @@ class Evaluator:
             self.image_size,
             cfg.data.allow_pipe_urls,
             cfg.data.s3_endpoint_url,
+            cfg.data.max_image_pixels,
         )
         from .data import build_source
 

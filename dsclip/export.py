@@ -18,14 +18,22 @@ from . import checkpoint as ckpt
 from .config import ConfigError
 
 
-def consolidated_state_dict(ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:
-    """fp32 weights of one checkpoint, with open_clip's key names and shapes."""
+def consolidated_state_dict(ckpt_dir: str, tag: str, trust: bool = False) -> dict[str, torch.Tensor]:
+    """fp32 weights of one checkpoint, with open_clip's key names and shapes.
+
+    DeepSpeed's files are unpickled with ``weights_only=False``, so unless ``trust`` they are first
+    vetted: a checkpoint dir may come from anywhere (a shared disk, ``--remote-sync``), and a
+    pickle that imports more than plain data could run code on load."""
     tag_dir = os.path.join(ckpt_dir, tag)
+    if not trust:
+        from .pretrained import refuse_unsafe_pickles
+
+        refuse_unsafe_pickles(tag_dir)
     meta = ckpt.read_meta(tag_dir)
     stage = int(meta.get("zero_stage", 2))
     if stage == 0:
         states = torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), map_location="cpu",
-                            weights_only=False)  # DeepSpeed's own file; the trainer wrote it
+                            weights_only=False)  # vetted above (or trusted)
         sd = {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
     else:
         import contextlib
@@ -48,14 +56,21 @@ def consolidated_state_dict(ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_weights(sd: dict[str, torch.Tensor], out: str) -> None:
-    """Write ``.safetensors`` or ``.pt`` atomically (temp file, then rename)."""
+def save_weights(sd: dict[str, torch.Tensor], out: str, model_cfg: dict | None = None) -> None:
+    """Write ``.safetensors`` or ``.pt`` atomically (temp file, then rename).  A safetensors file
+    carries ``model_cfg`` in its metadata: the grid its positional embedding was trained at goes
+    wherever the file goes."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = f"{out}.tmp.{os.getpid()}"
     if out.endswith(".safetensors"):
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in sd.items()}, tmp)
+        from .pretrained import MODEL_CONFIG_METADATA
+
+        metadata = {"format": "pt"}
+        if model_cfg:
+            metadata[MODEL_CONFIG_METADATA] = json.dumps(model_cfg)
+        save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=metadata)
     elif out.endswith((".pt", ".bin", ".pth")):
         torch.save(sd, tmp)
     else:
@@ -63,8 +78,9 @@ def save_weights(sd: dict[str, torch.Tensor], out: str) -> None:
     os.replace(tmp, out)
 
 
-def export(path: str, out: str, tag: str | None = None) -> str:
-    """Export the checkpoint at ``path`` (run dir, checkpoints dir or tag dir) to ``out``."""
+def export(path: str, out: str, tag: str | None = None, trust: bool = False) -> str:
+    """Export the checkpoint at ``path`` (run dir, checkpoints dir or tag dir) to ``out``; its
+    pickles are vetted first unless ``trust``."""
     ckpt_dir, found_tag = ckpt.locate(path)
     tag = tag or found_tag
     try:
@@ -73,8 +89,9 @@ def export(path: str, out: str, tag: str | None = None) -> str:
         raise ConfigError(f"{e}; pick a complete tag with --tag") from None
     if tag is None:
         raise ConfigError(f"no complete checkpoint under {ckpt_dir}; pass a run dir or a checkpoint dir")
-    save_weights(consolidated_state_dict(ckpt_dir, tag), out)
+    sd = consolidated_state_dict(ckpt_dir, tag, trust=trust)
     model_cfg = ckpt.read_meta(os.path.join(ckpt_dir, tag)).get("model_config")
+    save_weights(sd, out, model_cfg)
     if model_cfg:
         side = os.path.splitext(out)[0] + ".model.json"
         ckpt.atomic_write_text(side, json.dumps(model_cfg, indent=2))
@@ -106,9 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("path", help="run dir, its checkpoints/ dir, or one checkpoint tag dir")
     p.add_argument("out", help="output file: .safetensors or .pt")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: latest complete)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="skip vetting the checkpoint's pickles; only for checkpoints you trust")
     args = p.parse_args(argv)
     try:
-        tag = export(args.path, args.out, args.tag)
+        tag = export(args.path, args.out, args.tag, trust=args.trust_checkpoint)
     except ConfigError as e:
         print(f"dsclip export: error: {e}", file=sys.stderr)
         return 2

@@ -139,7 +139,9 @@ def _start_wandb(wandb, run_dir: str, config_dict: dict | None):
         with open(id_path) as fh:
             run_id = fh.read().strip()
     else:
-        run_id = wandb.util.generate_id() if hasattr(wandb, "util") else f"dsclip-{int(time.time())}"
+        import secrets
+
+        run_id = secrets.token_hex(4)  # W&B's own id form: 8 lowercase alphanumerics
         with open(id_path, "w") as fh:
             fh.write(run_id)
     return wandb.init(

@@ -15,6 +15,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,9 @@ import torch
 from torch import nn
 
 from .config import Config, ConfigError
+from .pretrained import ModelSource
+
+SIGLIP_INIT = {"init_logit_scale": math.log(10.0), "init_logit_bias": -10.0}  # open_clip's --siglip init
 
 
 class _QuietRandomInit(logging.Filter):
@@ -50,7 +54,20 @@ class ModelBundle:
 
 
 def register_model(model: str) -> str:
-    """Return an open_clip model name for ``--model``; a JSON path is registered under its stem."""
+    """Return an open_clip model name for ``--model``: a JSON path is registered under its stem, a
+    ``local-dir:``/``hf-hub:`` repo's config under a name of its own."""
+    return resolve_model(model)[0]
+
+
+def resolve_model(model: str) -> tuple[str, ModelSource]:
+    """``(open_clip model name, where --model comes from)``; repo configs are registered."""
+    from .pretrained import resolve_model_source
+
+    source = resolve_model_source(model)
+    return _register_name(source.model), source
+
+
+def _register_name(model: str) -> str:
     import open_clip
 
     if model.endswith(".json"):
@@ -59,8 +76,6 @@ def register_model(model: str) -> str:
                               f"or a model name from `open_clip.list_models()`")
         open_clip.add_model_config(model)
         return os.path.splitext(os.path.basename(model))[0]
-    if model.startswith(("hf-hub:", "local-dir:")):
-        return model
     if model not in open_clip.list_models():
         import difflib
 
@@ -86,8 +101,9 @@ def image_size_of(model: nn.Module) -> tuple[int, int]:
 
 def create_model(cfg: Config, device: torch.device | str = "cpu", load_weights: bool = True,
                  zero3_config: dict | None = None) -> ModelBundle:
-    """Build the open_clip model named by ``cfg.model``, load ``--pretrained`` (resizing positional
-    embeddings to a forced image size or context length), and make it DeepSpeed-safe.
+    """Build the open_clip model named by ``cfg.model``, load ``--pretrained`` (or the weights of a
+    ``local-dir:``/``hf-hub:`` repo), resizing positional embeddings to a forced image size or
+    context length, and make it DeepSpeed-safe.
 
     With ``zero3_config`` the model is built inside ``deepspeed.zero.Init``: every module is
     partitioned as soon as it is constructed, so no rank ever holds the whole model, and weights
@@ -95,43 +111,54 @@ def create_model(cfg: Config, device: torch.device | str = "cpu", load_weights: 
     import open_clip
 
     m = cfg.model
-    name = register_model(m.model)
+    base, source = resolve_model(m.model)
+    name = _with_logit_bias(base) if cfg.loss.siglip else base
+    notes: list[str] = []
+    if source.weights:
+        notes.append(f"model config from {m.model} (registered as {base})")
+    weights = m.pretrained or source.weights
+    if m.pretrained and source.weights:
+        notes.append(f"--pretrained {m.pretrained} replaces the weights of {m.model}")
     force_size = None
     if m.force_image_size:
         force_size = m.force_image_size[0] if len(m.force_image_size) == 1 else tuple(m.force_image_size[:2])
     kwargs: dict[str, Any] = {"force_image_size": force_size, "force_context_length": m.force_context_length,
                               "force_patch_dropout": m.force_patch_dropout, "output_dict": True}
-    if m.pretrained or not load_weights:  # CLIP weights replace a HF text tower's own: don't download them
+    if weights or not load_weights:  # CLIP weights replace a HF text tower's own: don't download them
         kwargs["pretrained_text"] = False
-    notes: list[str] = []
+    if cfg.loss.siglip:
+        kwargs.update(SIGLIP_INIT)
+    transforms = _preprocess_kwargs(source.preprocess or _tag_preprocess(base, m.pretrained))
+    load = _Load(name, base, weights, m.trust_checkpoint, cfg.loss.siglip) if load_weights and weights else None
     if zero3_config is not None:
         import deepspeed
 
         with _promote_scalars_at_init(), deepspeed.zero.Init(config_dict_or_path=zero3_config):
             model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-                name, pretrained=None, device="cpu", **kwargs)
+                name, pretrained=None, device="cpu", **kwargs, **transforms)
         notes.append("built partitioned (deepspeed.zero.Init)")
-        if load_weights and m.pretrained:
-            notes += load_pretrained_partitioned(model, name, m.pretrained, m.trust_checkpoint, kwargs)
+        if load is not None:
+            notes += load_pretrained_partitioned(model, load, kwargs)
         if load_weights and m.pretrained_image:
-            notes += _load_image_tower_partitioned(model, m.pretrained_image, m.trust_checkpoint)
+            notes += _load_image_tower_partitioned(model, name, m.pretrained_image, m.trust_checkpoint, kwargs)
     else:
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-            name, pretrained=None, device="cpu", **kwargs)
-        if load_weights and m.pretrained:
-            notes += load_pretrained(model, name, m.pretrained, trust=m.trust_checkpoint)
+            name, pretrained=None, device="cpu", **kwargs, **transforms)
+        if load is not None:
+            notes += load_pretrained(model, load)
         if load_weights and m.pretrained_image:  # LiT: ImageNet weights for the image tower
             from .pretrained import load_pretrained_image
 
             notes += load_pretrained_image(model, m.pretrained_image, trust=m.trust_checkpoint)
     if m.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    built_cfg = model_config(name) if not name.startswith(("hf-hub:", "local-dir:")) else {}
-    if built_cfg:
-        if force_size is not None:
-            built_cfg["vision_cfg"]["image_size"] = force_size if isinstance(force_size, int) else list(force_size)
-        if m.force_context_length:
-            built_cfg["text_cfg"]["context_length"] = m.force_context_length
+    built_cfg = model_config(name)
+    if force_size is not None:
+        built_cfg["vision_cfg"]["image_size"] = force_size if isinstance(force_size, int) else list(force_size)
+    if m.force_context_length:
+        built_cfg["text_cfg"]["context_length"] = m.force_context_length
+    if m.force_patch_dropout is not None:
+        built_cfg["vision_cfg"]["patch_dropout"] = m.force_patch_dropout
     if zero3_config is None:
         promote_scalar_params(model)
     tokenizer = open_clip.get_tokenizer(name, context_length=m.force_context_length) \
@@ -140,56 +167,158 @@ def create_model(cfg: Config, device: torch.device | str = "cpu", load_weights: 
                        image_size_of(model), notes)
 
 
-def load_pretrained(model: nn.Module, name: str, spec: str, trust: bool = False) -> list[str]:
-    """Load weights from any supported source into ``model`` (before promotion); returns notes."""
-    from .posembed import resize_state_dict_pos_embeds
-    from .pretrained import check_state_dict, load_pretrained_state_dict
+@dataclass
+class _Load:
+    """One pretrained load: what it goes into, where it comes from, and how to treat it."""
 
-    sd = load_pretrained_state_dict(spec, name, trust=trust)
+    name: str  # the model built (with SigLIP's logit_bias where --siglip added it)
+    tags_of: str  # the model --model named, whose open_clip pretrained tags --pretrained may use
+    spec: str
+    trust: bool
+    siglip: bool
+
+
+def _with_logit_bias(name: str) -> str:
+    """``name``, or a model registered beside it with SigLIP's ``logit_bias``: open_clip builds one
+    only when the config has ``init_logit_bias``, and every later rebuild of this run's model
+    (export check, WiSE-FT, the export's ``.model.json``) must have it too."""
+    import open_clip
+
+    from .pretrained import _write_model_config
+
+    base_cfg = model_config(name)
+    if base_cfg.get("init_logit_bias") is not None:
+        return name
+    stem = f"{name}-sigmoid"  # not "siglip": open_clip picks a (downloaded) SigLIP tokenizer for such names
+    open_clip.add_model_config(_write_model_config(stem, {**base_cfg, **SIGLIP_INIT}))
+    return stem
+
+
+def _tag_preprocess(name: str, spec: str) -> dict:
+    """An open_clip tag's preprocessing (mean, std, ...); nothing for files and directories."""
+    if not spec or os.sep in spec or os.path.exists(os.path.expanduser(spec)):
+        return {}
+    from open_clip import pretrained as ocp
+
+    return dict(ocp.get_pretrained_cfg(name, spec) or {})
+
+
+def _preprocess_kwargs(pp: dict) -> dict[str, Any]:
+    """open_clip's ``create_model_and_transforms`` arguments for a preprocess config."""
+    names = {"mean": "image_mean", "std": "image_std", "interpolation": "image_interpolation",
+             "resize_mode": "image_resize_mode"}
+    return {arg: tuple(pp[k]) if isinstance(pp[k], list) else pp[k] for k, arg in names.items() if pp.get(k)}
+
+
+def load_pretrained(model: nn.Module, load: _Load) -> list[str]:
+    """Load weights from any supported source into ``model`` (before promotion); returns notes."""
+    from .pretrained import load_pretrained_state_dict
+
+    sd = load_pretrained_state_dict(load.spec, load.tags_of, trust=load.trust)
     sd = to_open_clip_shapes(sd, model.state_dict())
-    notes = [f"loaded pretrained weights from {spec}"]
-    notes += resize_state_dict_pos_embeds(sd, model)
-    check_state_dict(model, sd)
+    notes = [f"loaded pretrained weights from {load.spec}"]
+    notes += _fit_state_dict(sd, model, load)
     model.load_state_dict(sd, strict=True)
     return notes
 
 
-def _rank0_state_dict(name: str, spec: str, trust: bool, create_kwargs: dict) -> tuple[dict, list[str]]:
-    """Read, reshape, resize and check a checkpoint against a shapes-only (meta) model."""
+def _fit_state_dict(sd: dict[str, torch.Tensor], ref: nn.Module, load: _Load) -> list[str]:
+    """Make a checkpoint fit ``ref`` (the model, or a meta-device copy of it), in place: SigLIP's
+    logit init where the checkpoint has none, positional embeddings resized from the checkpoint's
+    own grid; then check every key.  Returns notes."""
+    from .posembed import checkpoint_grid, resize_state_dict_pos_embeds
+    from .pretrained import check_state_dict, recorded_model_config
+
+    notes = _siglip_init_if_missing(sd, ref) if load.siglip else []
+    try:
+        grid = checkpoint_grid(sd, ref, [recorded_model_config(load.spec), model_config(load.tags_of)])
+        notes += resize_state_dict_pos_embeds(sd, ref, old_grid=grid)
+    except ValueError as e:
+        raise ConfigError(f"--pretrained {load.spec}: {e}") from None
+    check_state_dict(ref, sd)
+    return notes
+
+
+def _siglip_init_if_missing(sd: dict[str, torch.Tensor], ref: nn.Module) -> list[str]:
+    """A checkpoint without ``logit_bias`` was trained with InfoNCE: its temperature is a softmax
+    one, and a sigmoid loss from ``scale 100, bias 0`` starts far off; both start at SigLIP's init."""
+    expected = ref.state_dict()
+    if "logit_bias" not in expected or "logit_bias" in sd:
+        return []
+    for key, init in (("logit_scale", "init_logit_scale"), ("logit_bias", "init_logit_bias")):
+        sd[key] = torch.full(expected[key].shape, SIGLIP_INIT[init], dtype=torch.float32)
+    note = (f"the checkpoint has no logit_bias (not a SigLIP checkpoint): logit_scale starts at ln(10), "
+            f"logit_bias at {SIGLIP_INIT['init_logit_bias']:g} (SigLIP's init)")
+    return [note]
+
+
+def _meta_reference(name: str, create_kwargs: dict) -> nn.Module:
+    """The model on the meta device: keys and shapes to check a checkpoint against, no memory."""
     import open_clip
 
-    from .posembed import resize_state_dict_pos_embeds
-    from .pretrained import check_state_dict, load_pretrained_state_dict
-
     with torch.device("meta"):
-        ref = open_clip.create_model(name, pretrained=None, device="meta", **create_kwargs)
-    sd = to_open_clip_shapes(load_pretrained_state_dict(spec, name, trust=trust), ref.state_dict())
-    notes = [f"loaded pretrained weights from {spec} (rank 0 reads, module by module)"]
-    notes += resize_state_dict_pos_embeds(sd, ref)
-    check_state_dict(ref, sd)
+        return open_clip.create_model(name, pretrained=None, device="meta", **create_kwargs)
+
+
+def _rank0_state_dict(load: _Load, create_kwargs: dict) -> tuple[dict, list[str]]:
+    """Read, reshape, resize and check a checkpoint against a shapes-only (meta) model."""
+    from .pretrained import load_pretrained_state_dict
+
+    ref = _meta_reference(load.name, create_kwargs)
+    sd = to_open_clip_shapes(load_pretrained_state_dict(load.spec, load.tags_of, trust=load.trust), ref.state_dict())
+    notes = [f"loaded pretrained weights from {load.spec} (rank 0 reads, module by module)"]
+    notes += _fit_state_dict(sd, ref, load)
     return sd, notes
 
 
-def load_pretrained_partitioned(model: nn.Module, name: str, spec: str, trust: bool,
-                                create_kwargs: dict) -> list[str]:
+def _rank0_first(work: Callable[[], tuple[Any, list[str]]]) -> tuple[Any, list[str]]:
+    """Run ``work`` on rank 0 only; a ConfigError there is raised on every rank, not only rank 0."""
+    import torch.distributed as dist
+
+    result, notes, error = None, [], None
+    if dist.get_rank() == 0:
+        try:
+            result, notes = work()
+        except ConfigError as e:
+            error = str(e)
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise ConfigError(box[0])
+    return result, notes
+
+
+def load_pretrained_partitioned(model: nn.Module, load: _Load, create_kwargs: dict) -> list[str]:
     """Load weights into a ZeRO-3 partitioned model: only rank 0 reads the file; each module's
     parameters are gathered, filled by rank 0, and re-partitioned before the next module."""
+    sd, notes = _rank0_first(lambda: _rank0_state_dict(load, create_kwargs))
+    _copy_module_by_module(model, sd)
+    return notes
+
+
+def _load_image_tower_partitioned(model: nn.Module, name: str, spec: str, trust: bool,
+                                  create_kwargs: dict) -> list[str]:
+    """LiT under ZeRO-3: rank 0 reads the timm weights (checked against a meta copy of the trunk),
+    then the trunk is filled module by module like the whole model is."""
+    from .pretrained import image_tower_state_dict, timm_trunk
+
+    trunk = timm_trunk(model)
+    sd, notes = _rank0_first(lambda: image_tower_state_dict(timm_trunk(_meta_reference(name, create_kwargs)),
+                                                            spec, trust))
+    _copy_module_by_module(trunk, sd)
+    return notes
+
+
+def _copy_module_by_module(root: nn.Module, sd: dict[str, torch.Tensor] | None) -> None:
+    """Copy rank 0's ``sd`` (keys relative to ``root``; None on other ranks) into a partitioned
+    ``root``: one module's parameters gathered at a time, so the full model never exists on a rank.
+    Collective: every rank calls it."""
     import deepspeed
     import torch.distributed as dist
 
     rank = dist.get_rank()
-    sd, notes, error = None, [], None
-    if rank == 0:
-        try:
-            sd, notes = _rank0_state_dict(name, spec, trust, create_kwargs)
-        except ConfigError as e:
-            error = str(e)
-    box = [error]
-    dist.broadcast_object_list(box, src=0)  # every rank fails together, not only rank 0
-    if box[0] is not None:
-        raise ConfigError(box[0])
-    persistent = set(model.state_dict().keys()) if rank == 0 else None
-    for mod_name, module in model.named_modules():
+    persistent = set(root.state_dict().keys()) if rank == 0 else None
+    for mod_name, module in root.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
         params = list(module.named_parameters(recurse=False))
         if params:
@@ -198,37 +327,13 @@ def load_pretrained_partitioned(model: nn.Module, name: str, spec: str, trust: b
                     with torch.no_grad():
                         for n, p in params:
                             p.data.copy_(sd[prefix + n].reshape(p.shape))
-        for n, buf in module.named_buffers(recurse=False):
+        for n, buf in module.named_buffers(recurse=False):  # buffers are not partitioned
             flag = [rank == 0 and prefix + n in persistent and prefix + n in sd]
             dist.broadcast_object_list(flag, src=0)
             if flag[0]:
                 if rank == 0:
                     buf.copy_(sd[prefix + n])
                 dist.broadcast(buf, src=0)
-    return notes
-
-
-def _load_image_tower_partitioned(model: nn.Module, spec: str, trust: bool) -> list[str]:
-    """LiT under ZeRO-3: gather the image tower, let rank 0 load its timm weights, re-partition."""
-    import deepspeed
-    import torch.distributed as dist
-
-    from .pretrained import load_pretrained_image
-
-    notes, error = [], None
-    with deepspeed.zero.GatheredParameters(list(model.visual.parameters()), modifier_rank=0):
-        if dist.get_rank() == 0:
-            try:
-                notes = load_pretrained_image(model, spec, trust=trust)
-            except ConfigError as e:
-                error = str(e)
-    box = [error]
-    dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        raise ConfigError(box[0])
-    for buf in model.visual.buffers():  # BatchNorm statistics are not partitioned
-        dist.broadcast(buf, src=0)
-    return notes
 
 
 @contextlib.contextmanager
@@ -309,17 +414,42 @@ def _make_unsqueeze_hook(names: list[str]):
 
 def clamp_logit_scale(model: nn.Module, max_value: float) -> None:
     """Clamp ``logit_scale`` to [0, max_value] in the working copy and, under ZeRO, in the fp32
-    master copy, which otherwise overwrites the clamp at the next step."""
+    master copy, which otherwise overwrites the clamp at the next step.  Collective under ZeRO-3:
+    every rank calls it after each optimizer step."""
     p = getattr(model, "logit_scale", None)
     if p is None or not p.requires_grad:
         return
     with torch.no_grad():
-        value = float(p.data.reshape(-1)[0]) if p.data.numel() else None
-        if value is None or 0.0 <= value <= max_value:
+        if hasattr(p, "ds_id"):
+            _clamp_partitioned(p, max_value)
+            return
+        value = float(p.data.reshape(-1)[0])
+        if 0.0 <= value <= max_value:
             return
         from deepspeed.utils import safe_set_full_fp32_param
 
-        clamped = torch.full(p.ds_shape if hasattr(p, "ds_shape") else p.shape, min(max(value, 0.0), max_value),
-                             dtype=torch.float32, device=p.device)
-        safe_set_full_fp32_param(p, clamped)
+        safe_set_full_fp32_param(p, torch.full(p.shape, min(max(value, 0.0), max_value), dtype=torch.float32,
+                                               device=p.device))
+        p.data.clamp_(0.0, max_value)
+
+
+def _clamp_partitioned(p: nn.Parameter, max_value: float) -> None:
+    """ZeRO-3: the working copy may be partitioned away entirely (``p.data`` empty below the
+    persistence threshold), so the value is read from the fp32 master, which every rank gets."""
+    import torch.distributed as dist
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    master = safe_get_full_fp32_param(p)  # all-gathers the master's partitions
+    if master is None:
+        return
+    value = float(master.reshape(-1)[0])
+    if 0.0 <= value <= max_value:
+        return
+    rank = dist.get_rank(group=getattr(p, "ds_process_group", None))
+    # DeepSpeed's setter slices this rank's share out of the full value, past its end on a rank
+    # whose share of a 1-element parameter is only padding: only the owning rank writes.
+    if p.partition_numel() * rank < p.ds_numel:
+        safe_set_full_fp32_param(p, master.clamp(0.0, max_value).to(torch.float32))
+    p.ds_tensor.data.clamp_(0.0, max_value)  # this rank's partition of the working copy
+    if p.data.numel():  # a persistent (never released) parameter also holds the full copy
         p.data.clamp_(0.0, max_value)

@@ -7,6 +7,7 @@ the learned spatial/positional structure instead of re-initialising the table.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +71,55 @@ def _infer_square_grid(num_patches: int) -> tuple[int, int]:
             "perfect square); pass old_grid=(h, w)"
         )
     return side, side
+
+
+def grid_of_config(model_cfg: dict | None) -> tuple[int, int] | None:
+    """The patch grid an open_clip model config gives its ViT image tower (None: no such tower)."""
+    vision = (model_cfg or {}).get("vision_cfg") or {}
+    if "timm_model_name" in vision or not vision.get("image_size") or not vision.get("patch_size"):
+        return None
+    (h, w), (ph, pw) = _as_pair(vision["image_size"]), _as_pair(vision["patch_size"])
+    return h // ph, w // pw
+
+
+def checkpoint_grid(
+    state_dict: dict[str, Tensor],
+    model: nn.Module,
+    configs: Sequence[dict | None],
+) -> tuple[int, int] | None:
+    """The patch grid of the checkpoint's visual positional embedding, for ``resize_state_dict_pos_embeds``.
+
+    ``configs`` are model configs that may describe the checkpoint, most trusted first (what the
+    checkpoint records about itself, then ``--model``'s config before any forced size); the first
+    whose grid accounts for the table's rows wins, so 4x6 and 6x4 are told apart.  Without one,
+    a table with the model's row count is taken to be at the model's grid, a square count is a
+    square grid, and any other count is ambiguous and raises ValueError.  None
+    when there is nothing to resize (no visual table, or a tower without a patch grid).
+    """
+    visual = getattr(model, "visual", None)
+    model_pos = getattr(visual, "positional_embedding", None)
+    old_pos = state_dict.get(VISUAL_KEY)
+    grid_size = getattr(visual, "grid_size", None)
+    if old_pos is None or model_pos is None or grid_size is None:
+        return None
+    new_grid = _as_pair(grid_size)
+    rows = old_pos.shape[0] - (model_pos.shape[0] - new_grid[0] * new_grid[1])
+    for cfg in configs:
+        grid = grid_of_config(cfg)
+        if grid is not None and grid[0] * grid[1] == rows:
+            return grid
+    if rows == new_grid[0] * new_grid[1]:  # nothing says otherwise: already at the model's grid
+        return new_grid
+    side = math.isqrt(max(rows, 0))
+    if side * side == rows:
+        return side, side
+    shapes = [f"{h}x{rows // h}" for h in range(2, rows) if rows % h == 0][:6]
+    raise ValueError(
+        f"cannot tell the patch grid of the checkpoint's {VISUAL_KEY}: its {rows} patch positions are not "
+        f"a square (they fit {', '.join(shapes) or 'no grid'}) and no model config of the checkpoint records "
+        "its image size; use a --model config whose vision_cfg.image_size is the size the checkpoint was "
+        "trained at, with --force-image-size for the new one"
+    )
 
 
 def _text_pos_embed(model: nn.Module) -> Tensor | None:

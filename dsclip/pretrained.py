@@ -23,6 +23,7 @@ import socket
 import tempfile
 import zipfile
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -30,6 +31,9 @@ from torch import nn
 from dsclip.config import ConfigError
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+HF_HUB_PREFIX, LOCAL_DIR_PREFIX = "hf-hub:", "local-dir:"
+HF_CONFIG_NAME = "open_clip_config.json"  # open_clip's name for a repo's config
+MODEL_CONFIG_METADATA = "dsclip_model_config"  # safetensors metadata key of a dsclip export's model config
 
 # Classes DeepSpeed pickles into its own checkpoint files.  They are plain data holders; anything
 # else in a DeepSpeed checkpoint needs --trust-checkpoint.
@@ -54,9 +58,13 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 
 
 def load_pretrained_state_dict(spec: str, model_name: str, trust: bool = False) -> dict[str, torch.Tensor]:
-    """The open_clip state dict named by ``--pretrained`` for ``model_name``."""
+    """The open_clip state dict named by ``--pretrained`` for ``model_name``.  ``hf-hub:org/repo``
+    and ``local-dir:/path`` name the weights of such a repo (what ``--model`` with them loads)."""
     if not spec:
         raise ConfigError("no pretrained source given")
+    if spec.startswith(HF_HUB_PREFIX):
+        return _to_custom_text_if_needed(_load_hf_hub_weights(spec[len(HF_HUB_PREFIX):], trust), model_name)
+    spec = spec.removeprefix(LOCAL_DIR_PREFIX)
     path = os.path.expanduser(spec)
     if os.path.isdir(path):
         if is_deepspeed_checkpoint(path):
@@ -76,42 +84,50 @@ def load_pretrained_state_dict(spec: str, model_name: str, trust: bool = False) 
     return _to_custom_text_if_needed(sd, model_name)
 
 
-def resolve_model_source(model: str) -> tuple[str, str | None]:
-    """``(model name or model-config JSON path, weights path or None)`` for ``--model``.
+@dataclass
+class ModelSource:
+    """What ``--model`` names: an open_clip model name or model-config JSON to build, plus, for
+    ``local-dir:``/``hf-hub:``, the repo's weights and its preprocessing settings."""
+
+    model: str  # an open_clip model name, or a model-config JSON path (registered under its stem)
+    weights: str | None = None  # a spec for load_pretrained_state_dict, or None
+    preprocess: dict = field(default_factory=dict)  # the repo's preprocess_cfg (mean, std, ...)
+    config: dict | None = None  # the repo's model_cfg: the configuration its weights were trained with
+
+
+def resolve_model_source(model: str) -> ModelSource:
+    """Where ``--model`` comes from.
 
     ``local-dir:/path`` reads ``/path/open_clip_config.json`` (open_clip's layout: ``model_cfg``
-    plus ``preprocess_cfg``) and the weights beside it; the model config is written to a JSON
-    file whose stem names the model, so ``open_clip.add_model_config`` can register it.
-    ``hf-hub:org/repo`` is returned unchanged for open_clip's own hub handling after checking the
-    hub can be reached.  Anything else is returned as is, with no weights.
+    plus ``preprocess_cfg``) and takes the weights file beside it.  ``hf-hub:org/repo`` fetches the
+    same config through open_clip's own hub code (cached files load offline); its weights stay
+    ``hf-hub:org/repo``, fetched only by whoever loads them (rank 0 alone under ZeRO-3).  The
+    model config is written to a JSON file whose stem names the model, so
+    ``open_clip.add_model_config`` registers it and dsclip builds, checks and loads the model like
+    any other.  Anything else is returned as is, with no weights.
     """
-    if model.startswith("local-dir:"):
-        root = os.path.expanduser(model[len("local-dir:"):])
+    if model.startswith(LOCAL_DIR_PREFIX):
+        root = os.path.expanduser(model[len(LOCAL_DIR_PREFIX):])
         if not root:
             raise ConfigError("--model local-dir: needs a path, e.g. local-dir:/models/my-clip")
         if not os.path.isdir(root):
             raise ConfigError(f"--model {model}: directory not found")
-        cfg_path = os.path.join(root, "open_clip_config.json")
+        cfg_path = os.path.join(root, HF_CONFIG_NAME)
         if not os.path.isfile(cfg_path):
-            raise ConfigError(f"--model {model}: no open_clip_config.json in {root} (open_clip's local-dir layout)")
-        with open(cfg_path) as fh:
-            try:
-                full = json.load(fh)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{cfg_path}: not valid JSON ({e})") from None
-        model_cfg = full.get("model_cfg")
-        if not isinstance(model_cfg, dict):
-            raise ConfigError(f"{cfg_path}: missing 'model_cfg'")
-        return _write_model_config(root, model_cfg), find_weights_in_dir(root)
-    if model.startswith("hf-hub:"):
-        repo = model[len("hf-hub:"):]
+            raise ConfigError(f"--model {model}: no {HF_CONFIG_NAME} in {root} (open_clip's local-dir layout)")
+        model_cfg, preprocess = _read_open_clip_config(cfg_path)
+        stem = os.path.basename(os.path.normpath(root)) or "local-model"
+        stem += "-" + hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:8]  # unique per directory
+        weights = find_weights_in_dir(root)
+        return ModelSource(_write_model_config(stem, model_cfg), weights, preprocess, model_cfg)
+    if model.startswith(HF_HUB_PREFIX):
+        repo = model[len(HF_HUB_PREFIX):].strip("/")
         if not repo:
             raise ConfigError("--model hf-hub: needs a repo id, e.g. hf-hub:timm/ViT-B-16-SigLIP")
-        if not _hub_reachable() and not _hf_cached(repo):
-            raise ConfigError(f"--model {model}: the Hugging Face Hub cannot be reached (offline?) and the repo "
-                              f"is not in the local cache; download it elsewhere and use --model local-dir:PATH")
-        return model, None
-    return model, None
+        model_cfg, preprocess = _read_open_clip_config(_hf_hub_file(repo, HF_CONFIG_NAME, model))
+        return ModelSource(_write_model_config("hf-hub-" + repo.replace("/", "--"), model_cfg),
+                           model, preprocess, model_cfg)
+    return ModelSource(model)
 
 
 def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], allow_pos_embed_mismatch: bool = True) -> None:
@@ -138,8 +154,10 @@ def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], allow_pos_em
             if keys:
                 shown = ", ".join(keys[:12]) + (f", ... ({len(keys) - 12} more)" if len(keys) > 12 else "")
                 parts.append(f"{len(keys)} {label}: {shown}")
-        raise ConfigError("pretrained weights do not fit the model (" + "; ".join(parts) +
-                          "); check that --model matches the checkpoint")
+        fix = "check that --model matches the checkpoint"
+        if "logit_bias" in unexpected:
+            fix = "the checkpoint was trained with SigLIP (it has logit_bias): pass --siglip, or " + fix
+        raise ConfigError("pretrained weights do not fit the model (" + "; ".join(parts) + f"); {fix}")
 
 
 def load_pretrained_image(model: nn.Module, spec: str, trust: bool = False) -> list[str]:
@@ -149,10 +167,24 @@ def load_pretrained_image(model: nn.Module, spec: str, trust: bool = False) -> l
     warm Hugging Face cache) or a local timm checkpoint file.  The classifier head of the timm
     checkpoint is dropped; the open_clip projection head stays as initialised.
     """
+    trunk = timm_trunk(model)
+    sd, notes = image_tower_state_dict(trunk, spec, trust)
+    trunk.load_state_dict(sd, strict=True)
+    return notes
+
+
+def timm_trunk(model: nn.Module) -> nn.Module:
     trunk = getattr(getattr(model, "visual", None), "trunk", None)
     if trunk is None:
         raise ConfigError("--pretrained-image needs an image tower built from timm (model config with "
                           "vision_cfg.timm_model_name, e.g. the lit template's model)")
+    return trunk
+
+
+def image_tower_state_dict(trunk: nn.Module, spec: str, trust: bool = False) -> tuple[dict[str, torch.Tensor],
+                                                                                    list[str]]:
+    """``--pretrained-image``'s weights for ``trunk`` (keys and shapes checked, classifier dropped),
+    with a note.  Only ``trunk``'s keys and shapes are read, so it may live on the meta device."""
     path = os.path.expanduser(spec)
     if os.path.isdir(path):
         weights = find_weights_in_dir(path)
@@ -177,9 +209,67 @@ def load_pretrained_image(model: nn.Module, spec: str, trust: bool = False) -> l
                            (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if x)
         raise ConfigError(f"--pretrained-image {spec} does not fit the timm trunk "
                           f"{type(trunk).__name__} ({detail}); check vision_cfg.timm_model_name")
-    trunk.load_state_dict(sd, strict=True)
     dropped = f" (dropped classifier {', '.join(sorted(classifier))})" if classifier else ""
-    return [f"loaded image-tower weights from {spec} into visual.trunk{dropped}"]
+    return sd, [f"loaded image-tower weights from {spec} into visual.trunk{dropped}"]
+
+
+def recorded_model_config(spec: str) -> dict | None:
+    """The open_clip model config a checkpoint records about itself, or None.
+
+    dsclip exports carry it in their safetensors metadata and in a ``.model.json`` beside them,
+    dsclip checkpoint tags in their manifest, and ``local-dir:``/``hf-hub:`` repos in
+    ``open_clip_config.json``.  Plain weights files record nothing (their positional-embedding
+    grid then comes from ``--model``'s config).
+    """
+    if not spec:
+        return None
+    try:
+        if spec.startswith(HF_HUB_PREFIX):
+            repo = spec[len(HF_HUB_PREFIX):].strip("/")
+            return _read_open_clip_config(_hf_hub_file(repo, HF_CONFIG_NAME, spec))[0]
+        if spec.startswith(LOCAL_DIR_PREFIX):
+            spec = spec[len(LOCAL_DIR_PREFIX):]
+            cfg_path = os.path.join(os.path.expanduser(spec), HF_CONFIG_NAME)
+            if os.path.isfile(cfg_path):
+                return _read_open_clip_config(cfg_path)[0]
+    except ConfigError:
+        return None
+    path = os.path.expanduser(spec)
+    if os.path.isdir(path):
+        if is_deepspeed_checkpoint(path):
+            tag_dir = path if glob.glob(os.path.join(path, "*model_states.pt")) else _latest_tag_dir(path)
+            return _json_or_none(os.path.join(tag_dir, "dsclip_manifest.json"), "model_config")
+        path = find_weights_in_dir(path) or ""
+    if not os.path.isfile(path):
+        return None
+    if path.endswith(".safetensors"):
+        cfg = _safetensors_model_config(path)
+        if cfg:
+            return cfg
+    return _json_or_none(os.path.splitext(path)[0] + ".model.json")
+
+
+def _safetensors_model_config(path: str) -> dict | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as fh:
+            text = (fh.metadata() or {}).get(MODEL_CONFIG_METADATA)
+        cfg = json.loads(text) if text else None
+    except Exception:  # noqa: BLE001 - unreadable metadata records nothing; the load reports the file
+        return None
+    return cfg if isinstance(cfg, dict) and cfg else None
+
+
+def _json_or_none(path: str, key: str | None = None) -> dict | None:
+    try:
+        with open(path) as fh:
+            obj = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    if key is not None:
+        obj = obj.get(key) if isinstance(obj, dict) else None
+    return obj if isinstance(obj, dict) and obj else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,8 +411,7 @@ def load_deepspeed_checkpoint(path: str, trust: bool = False) -> dict[str, torch
         root, tag = path, None
     tag_dir = os.path.join(root, tag) if tag else _latest_tag_dir(root)
     if not trust:
-        for f in sorted(glob.glob(os.path.join(tag_dir, "*.pt"))):
-            _refuse_unsafe_pickle(f, allowed=_DEEPSPEED_SAFE_GLOBALS)
+        refuse_unsafe_pickles(tag_dir)
     try:
         # DeepSpeed's reader unpickles with weights_only=False; the scan above vetted every file.
         with _quiet():
@@ -332,6 +421,14 @@ def load_deepspeed_checkpoint(path: str, trust: bool = False) -> dict[str, torch
     except Exception as e:  # noqa: BLE001 - DeepSpeed raises plain exceptions of many kinds
         raise ConfigError(f"{path}: cannot consolidate DeepSpeed checkpoint ({type(e).__name__}: {e})") from None
     return strip_wrapper_prefix({k: v for k, v in sd.items() if isinstance(v, torch.Tensor)})
+
+
+def refuse_unsafe_pickles(directory: str) -> None:
+    """ConfigError if any pickle under ``directory`` (DeepSpeed's ``*.pt`` files, sub-folders
+    included) needs more than plain data and DeepSpeed's own data holders to load.  The pickles
+    are read, not run; DeepSpeed itself loads them with ``weights_only=False``."""
+    for f in sorted(glob.glob(os.path.join(directory, "**", "*.pt"), recursive=True)):
+        _refuse_unsafe_pickle(f, allowed=_DEEPSPEED_SAFE_GLOBALS)
 
 
 def _latest_tag_dir(root: str) -> str:
@@ -414,14 +511,28 @@ def _offline_unless_reachable() -> Iterator[None]:
         constants.HF_HUB_OFFLINE = old
 
 
-def _hf_cached(repo: str) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
+def _hf_hub_file(repo: str, filename: str | None, what: str) -> str:
+    """A file of a Hugging Face repo through open_clip's own download code (``filename`` None: the
+    repo's weights, safetensors preferred); offline, only what the cache holds."""
+    from open_clip.pretrained import download_pretrained_from_hf
 
-        hit = try_to_load_from_cache(repo, "open_clip_config.json")
-        return isinstance(hit, str)
-    except Exception:  # noqa: BLE001 - no hub package or a malformed repo id: not cached
-        return False
+    try:
+        with _offline_unless_reachable():
+            return download_pretrained_from_hf(repo, filename=filename)
+    except Exception as e:  # noqa: BLE001 - huggingface_hub, OS and network errors all mean "not fetched"
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE or not _hub_reachable():
+            raise ConfigError(f"{what}: the Hugging Face Hub cannot be reached (offline?) and the repo's "
+                              f"{filename or 'weights'} is not in the local cache; download it elsewhere and use "
+                              f"--model local-dir:PATH") from None
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"{what}: could not fetch {filename or 'the weights'} from the Hugging Face Hub "
+                          f"({reason}); check the repo id") from None
+
+
+def _load_hf_hub_weights(repo: str, trust: bool) -> dict[str, torch.Tensor]:
+    return load_checkpoint_file(_hf_hub_file(repo, None, f"hf-hub:{repo}"), trust=trust)
 
 
 def _timm_hub_state_dict(name: str) -> dict[str, torch.Tensor]:
@@ -487,16 +598,29 @@ def _to_custom_text_if_needed(sd: dict[str, torch.Tensor], model_name: str) -> d
     return convert_to_custom_text_state_dict(sd)
 
 
-def _write_model_config(root: str, model_cfg: dict) -> str:
-    """Write a local-dir's model config where ``add_model_config`` can pick it up; the file stem
-    (the model's name) is the directory name plus a short hash of its path, unique per directory."""
-    stem = os.path.basename(os.path.normpath(root)) or "local-model"
-    digest = hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:8]
+def _write_model_config(stem: str, model_cfg: dict) -> str:
+    """Write a repo's model config where ``add_model_config`` can pick it up; ``stem`` names it."""
     out_dir = os.path.join(tempfile.gettempdir(), "dsclip-model-configs")
     os.makedirs(out_dir, exist_ok=True)
-    out = os.path.join(out_dir, f"{stem}-{digest}.json")
+    out = os.path.join(out_dir, f"{stem}.json")
     tmp = f"{out}.{os.getpid()}.tmp"
     with open(tmp, "w") as fh:
         json.dump(model_cfg, fh)
     os.replace(tmp, out)  # every rank writes the same bytes; replace keeps readers safe
     return out
+
+
+def _read_open_clip_config(path: str) -> tuple[dict, dict]:
+    """``(model_cfg, preprocess_cfg)`` of an ``open_clip_config.json``."""
+    with open(path) as fh:
+        try:
+            full = json.load(fh)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    model_cfg = full.get("model_cfg") if isinstance(full, dict) else None
+    if not isinstance(model_cfg, dict) or not isinstance(model_cfg.get("vision_cfg"), dict) \
+            or not isinstance(model_cfg.get("text_cfg"), dict):
+        raise ConfigError(f"{path}: missing 'model_cfg' with vision_cfg and text_cfg (open_clip's "
+                          f"{HF_CONFIG_NAME} layout)")
+    preprocess = full.get("preprocess_cfg") or {}
+    return model_cfg, preprocess if isinstance(preprocess, dict) else {}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from dsclip.data import global_stats
+
 
 def memory_kib(field: str) -> int:
     """A /proc/self/status memory field in KiB (0 where /proc is missing)."""
@@ -63,19 +65,41 @@ class ProgressMeter:
         sps = steps * global_batch / window
         eta = (run.total_steps - s.step) * window / steps
         lr = run.lr.current_lrs()[0]
-        stats = run.source.stats() if hasattr(run.source, "stats") else {}
+        stats = global_stats(run.source)  # every rank's counts, not just this one's
         metrics = {"loss": loss, "lr": lr, "samples_per_s": sps, "samples_per_s_per_rank": sps / run.ctx.world,
                    "data_wait_frac": wait, "logit_scale": float(run.engine.module.logit_scale.data.reshape(-1)[0])
                    if run.engine.module.logit_scale.data.numel() else float("nan")}
-        metrics.update({f"data/{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
+        metrics.update(data_metrics(stats))
         run.logger.log(metrics, step=s.step, kind="train", epoch=s.epoch)
         if run.ctx.is_main:
-            skipped = f" skipped {stats.get('skipped', 0)}" if stats.get("skipped") else ""
+            skipped = f" {format_skips(stats)}" if stats.get("skipped") else ""
             print(f"epoch {s.epoch + 1}/{run.epochs} step {s.step}/{run.total_steps} "
                   f"({100 * s.step / run.total_steps:.0f}%) loss {loss:.4f} lr {lr:.3g} "
                   f"samples/s {sps:.1f} ({sps / run.ctx.world:.1f}/rank) data {100 * wait:.0f}%{skipped} "
                   f"eta {_fmt_eta(eta)}", flush=True)
         self.losses, self.data_wait, self.t_window = [], 0.0, now
+
+
+def data_metrics(stats: dict[str, Any], worst: int = 5) -> dict[str, Any]:
+    """``data/...`` metrics from the reader's counters: totals, ``data/skipped/<kind>`` and, as one
+    structured value for results.jsonl, ``data/worst_shards`` ({shard: {kind: count}})."""
+    from dsclip.data.wds import worst_shards
+
+    out: dict[str, Any] = {f"data/{k}": v for k, v in stats.items() if isinstance(v, (int, float))}
+    out.update({f"data/skipped/{kind}": n for kind, n in stats.get("by_kind", {}).items()})
+    shards = worst_shards(stats, worst)
+    if shards:
+        out["data/worst_shards"] = dict(shards)
+    return out
+
+
+def format_skips(stats: dict[str, Any]) -> str:
+    """``skipped 6 (bad_image 1, corrupt_tar 1, ...; worst cut.tar 4, mixed.tar 2)`` for the progress line."""
+    from dsclip.data.wds import worst_shards
+
+    kinds = ", ".join(f"{k} {n}" for k, n in stats.get("by_kind", {}).items())
+    worst = ", ".join(f"{shard} {sum(k.values())}" for shard, k in worst_shards(stats, 3))
+    return f"skipped {stats['skipped']} ({kinds}; worst {worst})"
 
 
 def _fmt_eta(seconds: float) -> str:

@@ -176,20 +176,20 @@ def _agree(rank: int, result: Any) -> Any:
 
 
 def refuse_unsafe_checkpoint(tag_dir: str) -> None:
-    """ConfigError if a pickle in the checkpoint needs more than plain data to load.
+    """ConfigError if a pickle in the checkpoint (sub-folders included: a universal copy keeps one
+    folder per parameter) needs more than plain data to load.
 
     DeepSpeed unpickles its checkpoint files with ``weights_only=False``, so a file planted in a
     shared or synced checkpoint dir (``--remote-sync``) would run code on resume.  The pickles
     are read, not run, against the allow-list ``--pretrained`` uses for DeepSpeed checkpoints;
     ``--trust-checkpoint`` skips the check.
     """
-    from .pretrained import _DEEPSPEED_SAFE_GLOBALS, _refuse_unsafe_pickle
+    from .pretrained import refuse_unsafe_pickles
 
-    for path in sorted(glob.glob(os.path.join(tag_dir, "*.pt"))):
-        try:
-            _refuse_unsafe_pickle(path, allowed=_DEEPSPEED_SAFE_GLOBALS)
-        except ConfigError as e:
-            raise ConfigError(f"cannot resume from {tag_dir}: {e}") from None
+    try:
+        refuse_unsafe_pickles(tag_dir)
+    except ConfigError as e:
+        raise ConfigError(f"cannot resume from {tag_dir}: {e}") from None
 
 
 def prepare_resume(ckpt_dir: str, tag: str, world: int, rank: int, trust: bool = False) -> tuple[str, str, dict]:
@@ -218,6 +218,8 @@ def prepare_resume(ckpt_dir: str, tag: str, world: int, rank: int, trust: bool =
     if rank == 0:
         try:
             if is_converted(out_dir, tag_dir):
+                if not trust:  # a copy found on disk was not made by this job: vet it like the tag
+                    refuse_unsafe_checkpoint(out_dir)
                 note = f"reusing its universal copy {out_dir}"
             else:
                 seconds = convert_to_universal(tag_dir, out_dir)

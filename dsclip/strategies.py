@@ -299,6 +299,14 @@ def lock_plan(cfg: Config) -> LockPlan:
             text_unlocked = s.partial_unlocked_text_layers
     if image_unlocked < 0 or text_unlocked < 0:
         raise ConfigError("unlocked group/layer counts must be >= 0")
+    # unlocked counts only mean something for a locked tower; a silent no-op would train it all
+    for flag, key, locked, lock_flag in (("--lock-image-unlocked-groups", "lock_image_unlocked_groups", lock_image,
+                                          "--lock-image"),
+                                         ("--lock-text-unlocked-layers", "lock_text_unlocked_layers", lock_text,
+                                          "--lock-text")):
+        if cfg.is_set(f"strategy.{key}") and getattr(s, key) and not locked:
+            raise ConfigError(f"{flag} {getattr(s, key)} has no effect on an unlocked tower; add {lock_flag} "
+                              f"(or a --strategy that locks it)")
     return LockPlan(lock_image, image_unlocked, s.lock_image_freeze_bn_stats, lock_text, text_unlocked,
                     s.lock_text_freeze_layer_norm, s.lock_logit_scale)
 

@@ -24,6 +24,8 @@ from dsclip.faultinject import after_step_fault, trace_keys
 from dsclip.progress import ProgressMeter, meminfo_kib, memory_kib, report_memory
 
 LN_100 = math.log(100.0)
+EXPORT_TOLERANCE = 1e-4  # max abs difference of the export's embeddings from the engine's (fp32)
+EXPORT_TOLERANCE_16BIT = 5e-2
 
 
 @dataclass
@@ -83,6 +85,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--resume path not found: {r.resume}; pass a run/checkpoint dir or 'latest'")
     if cfg.eval.wise_ft_alphas and not cfg.model.pretrained:
         raise ConfigError("--wise-ft-alphas ensembles with the starting weights; it needs --pretrained")
+    if cfg.eval.wise_ft_alphas and not (cfg.eval.zeroshot_data or cfg.eval.imagenet_val or d.val_data):
+        from dsclip.wiseft import parse_alphas
+
+        if len(parse_alphas(cfg.eval.wise_ft_alphas)) > 1:
+            raise ConfigError("--wise-ft-alphas chooses an alpha by evaluating each one; give --zeroshot-data or "
+                              "--imagenet-val (out of distribution) and --val-data (the fine-tuning task)")
     if r.resume == "latest" and not r.name:
         raise ConfigError("--resume latest needs --name of the run to continue (its dir is --logs/--name)")
     for name, val, lo in (("--batch-size", o.batch_size, 1), ("--accum-freq", o.accum_freq, 1),
@@ -135,10 +143,27 @@ def setup(cfg: Config) -> Run:
     )
 
     ctx = setup_distributed(cfg)
+    if cfg.data.s3_endpoint_url:  # one endpoint for the shards and for --remote-sync checkpoints
+        os.environ["AWS_ENDPOINT_URL_S3"] = cfg.data.s3_endpoint_url
+    import open_clip  # noqa: F401 - loaded now so the footprint below covers it
+
     rss_at_start = memory_kib("VmRSS")  # the framework's own footprint, before any model state
     on_gpu = ctx.device.type != "cpu"
     precision = resolve_precision(cfg, on_gpu)
     notes = apply_strategy_defaults(cfg)
+    # the data and the memory plan first, before any model or run dir: no matching shard, a missing
+    # bucket, denied access, too few samples or a plan that cannot fit is one line now, not an error
+    # (or an OOM kill) after minutes of model building
+    from dsclip.data import preflight
+
+    checked = preflight(cfg, "train", ctx.world)
+    if checked is not None and checked.num_batches < cfg.optim.accum_freq:
+        raise ConfigError(f"an epoch has {checked.num_batches} batches per rank, fewer than --accum-freq "
+                          f"{cfg.optim.accum_freq}; use more samples or a smaller batch")
+    preflight(cfg, "val", ctx.world)
+    ds = fill_ds_config(load_ds_config(cfg.run.ds_config), cfg, ctx.world, precision)
+    if cfg.run.memory_check:
+        _check_memory(cfg, ds, precision, ctx)
     cfg.run.name = _agreed_name(cfg.run.name)
     run_dir = os.path.join(cfg.run.logs, cfg.run.name)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
@@ -146,10 +171,6 @@ def setup(cfg: Config) -> Run:
         os.makedirs(ckpt_dir, exist_ok=True)
         save_yaml(cfg, os.path.join(run_dir, "params.yaml"))
     torch.manual_seed(cfg.run.seed + ctx.rank)
-
-    ds = fill_ds_config(load_ds_config(cfg.run.ds_config), cfg, ctx.world, precision)
-    if cfg.run.memory_check:
-        _check_memory(cfg, ds, precision, ctx)
     partitioned = zero_stage(ds) == 3 and cfg.model.zero_init != "off"
     resume = _find_resume(cfg, ckpt_dir, ctx)
     if resume is not None:  # vet the pickles; another world size loads through a universal checkpoint
@@ -175,7 +196,7 @@ def setup(cfg: Config) -> Run:
     engine = initialize_engine(bundle.model, groups, ds, on_gpu)
 
     source = build_source(cfg, "train", bundle.preprocess_train, bundle.tokenizer, bundle.image_size,
-                          ctx.rank, ctx.world)
+                          ctx.rank, ctx.world, checked=checked)
     steps_per_epoch = source.num_batches // cfg.optim.accum_freq
     if steps_per_epoch == 0:
         raise ConfigError(f"an epoch has {source.num_batches} batches per rank, fewer than --accum-freq "
@@ -219,17 +240,28 @@ def setup(cfg: Config) -> Run:
 
 def _check_memory(cfg: Config, ds: dict, precision: str, ctx) -> None:
     """Refuse, before building anything, a plan whose estimate exceeds this rank's memory."""
-    from dsclip.engine import offloads_optimizer, zero_stage
-    from dsclip.plan import GIB, check_fits
+    import torch
+    import torch.distributed as dist
 
-    if ctx.device.type != "cpu":
+    from dsclip.engine import offloads_optimizer, zero_stage
+    from dsclip.plan import GIB, RUNTIME_OVERHEAD_GIB, check_fits
+
+    overhead = RUNTIME_OVERHEAD_GIB
+    if cfg.run.memory_budget_gib:
+        budget = cfg.run.memory_budget_gib
+    elif ctx.device.type != "cpu":
         from deepspeed.accelerator import get_accelerator
 
         budget = get_accelerator().total_memory(ctx.local_rank) / GIB
-    else:
+        overhead += 0.5  # CUDA context and NCCL buffers are not in the framework's footprint yet
+    else:  # what the machine has left now that every local rank has started, shared between them
         budget = meminfo_kib("MemAvailable") * 1024 / GIB / max(1, ctx.local_world)
+    # every rank must reach the same verdict, or one refuses while the others wait for it
+    box = torch.tensor([budget], dtype=torch.float64)
+    dist.all_reduce(box, op=dist.ReduceOp.MIN)
+    budget = float(box)
     if budget > 0 and not offloads_optimizer(ds):
-        check_fits(cfg, zero_stage(ds), precision, ctx.world, budget)
+        check_fits(cfg, zero_stage(ds), precision, ctx.world, budget, overhead)
 
 
 def _agreed_name(name: str | None) -> str:
@@ -285,17 +317,25 @@ def _load_resume(run: Run, ckpt_dir: str, tag: str, load_dir: str, load_tag: str
     """Load ``ckpt_dir/tag``, through its universal copy ``load_dir/load_tag`` when it was saved by
     another world size (see dsclip.reshard)."""
     from dsclip import checkpoint as ckpt
+    from dsclip.data import check_resume_data, restore_position
     from dsclip.reshard import universal_load
 
     with universal_load(run.engine, load_dir, load_tag):
         client = ckpt.load_checkpoint(run.engine, load_dir, load_tag, run.ctx.rank)
+    data = client.get("data_position") or {}
+    saved_world = data.get("world") or ckpt.read_meta(os.path.join(ckpt_dir, tag)).get("world_size")
+    note = check_resume_data(run.cfg, client.get("config"), saved_world, run.ctx.world)
+    if note and run.ctx.is_main:
+        print(f"[dsclip] WARNING: {note}", flush=True)
+    restore_position(run.source, data, run.ctx.rank, run.ctx.world)
     run.state = TrainState(client["step"], client["epoch"], client["batch_in_epoch"], client["samples_seen"])
     if run.guards is not None and client.get("guards"):
         run.guards.load_state_dict(client["guards"])  # keeps the forgetting baseline and the best value
     run.last_saved_step = run.state.step
     if run.ctx.is_main:
+        kept = " from the saved reader positions" if data and data.get("world") == run.ctx.world else ""
         print(f"[dsclip] resumed {tag} from {ckpt_dir}: step {run.state.step}, epoch {run.state.epoch}, "
-              f"batch {run.state.batch_in_epoch}", flush=True)
+              f"batch {run.state.batch_in_epoch}{kept}", flush=True)
 
 
 # ---------------------------------------------------------------- the loop
@@ -382,17 +422,19 @@ def evaluate(run: Run, epoch_end: bool, baseline: bool = False) -> bool:
 
 def save(run: Run, best: bool = False) -> None:
     from dsclip import checkpoint as ckpt
+    from dsclip.data import position_state
 
     s = run.state
     if run.last_saved_step != s.step:
         client = {**s.client_state(), "config": run.cfg.to_dict(mask_secrets=True),
-                  "guards": run.guards.state_dict() if run.guards is not None else None}
+                  "guards": run.guards.state_dict() if run.guards is not None else None,
+                  "data_position": position_state(run.source)}  # collective: every rank's reader position
         with _paused(run):
             ckpt.save_checkpoint(run.engine, run.ckpt_dir, s.step, client, run.ctx.rank, run.cfg.run.keep_last_n,
                                  run.meta, protect=(_best_tag(run),))
         run.last_saved_step = s.step
-        if run.cfg.run.remote_sync and run.ctx.is_main:
-            ckpt.upload_checkpoint(run.ckpt_dir, ckpt.tag_for(s.step), run.cfg.run.remote_sync)
+        if run.cfg.run.remote_sync:  # collective: rank 0 uploads in the background, a failure stops every rank
+            ckpt.sync_checkpoint(run.ckpt_dir, ckpt.tag_for(s.step), run.cfg.run.remote_sync, run.ctx.rank)
     if best and run.ctx.is_main:
         ckpt.atomic_write_text(os.path.join(run.ckpt_dir, "best"), ckpt.tag_for(s.step))
 
@@ -419,6 +461,7 @@ def _best_tag(run: Run) -> str:
 
 
 def finish(run: Run) -> dict[str, Any]:
+    import torch
     import torch.distributed as dist
 
     from dsclip.export import export, verify_export
@@ -427,16 +470,24 @@ def finish(run: Run) -> dict[str, Any]:
     run.watchdog.paused = True  # export and verification are not steps
     final = os.path.join(run.run_dir, "final.safetensors")
     probe = _probe_embeddings(run)  # collective under ZeRO-3: every rank runs it
+    report_memory(run)
+    # the last collective: rank 0 then exports, verifies and sweeps WiSE-FT on its own while the
+    # other ranks end, so no rank waits in a barrier (and its timeout) for work of unbounded length
+    dist.barrier()
+    run.watchdog.close()
     if run.ctx.is_main:
         export(run.run_dir, final)
         diff = verify_export(final, run.bundle.name, run.cfg, probe, os.path.join(run.run_dir, "export_check.pt"))
+        # embeddings are unit vectors: fp32 agrees to ~1e-6; a 16-bit engine differs from the fp32 reload
+        tol = EXPORT_TOLERANCE if run.dtype == torch.float32 else EXPORT_TOLERANCE_16BIT
+        if not diff <= tol:
+            raise RuntimeError(f"{final} does not reproduce the engine's embeddings (max abs diff {diff:.2e} > "
+                               f"{tol:g}); the checkpoints in {run.ckpt_dir} are intact: export one with "
+                               f"`dsclip export` and report this")
         print(f"[dsclip] done: {run.state.step} steps; weights {final} (open_clip reload matches the engine: "
               f"max abs diff {diff:.2e})", flush=True)
         if run.cfg.eval.wise_ft_alphas:
             _wiseft_after_training(run, final)
-    report_memory(run)
-    dist.barrier()
-    run.watchdog.close()
     run.logger.close()
     return {"run_dir": run.run_dir, "final": final, "step": run.state.step}
 
@@ -457,7 +508,7 @@ def _wiseft_after_training(run: Run, final: str) -> None:
                                    force_context_length=cfg.model.force_context_length, output_dict=True)
     evaluator = Evaluator(cfg, b.tokenizer, b.preprocess_val, b.image_size, 0, 1, None, run.ctx.device)
     out = os.path.join(run.run_dir, "wiseft")
-    result = run_wiseft_sweep(load_weights(cfg.model.pretrained, b.name), load_file(final),
+    result = run_wiseft_sweep(load_weights(cfg.model.pretrained, b.name, cfg.model.trust_checkpoint), load_file(final),
                               parse_alphas(cfg.eval.wise_ft_alphas),
                               state_dict_evaluator(model.to(run.ctx.device), evaluator), out)
     print(f"[dsclip] WiSE-FT sweep in {out}; chosen alpha {result.best.get('alpha')}", flush=True)
@@ -495,20 +546,36 @@ def _one_line(e: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from dsclip.engine import env_rank
+    from dsclip.watchdog import close_active, peer_failure_message
 
     try:
         cfg = parse_args(argv)
         validate(cfg)
         train(cfg)
+        from dsclip.checkpoint import finish_uploads
+
+        finish_uploads()  # rank 0: the last checkpoint's upload
     except ConfigError as e:
         if env_rank() == 0:
             print(f"dsclip: error: {e}", file=sys.stderr, flush=True)
         return 2
-    except Exception as e:  # unreadable training data: one clear line, no traceback wall
-        if type(e).__name__ != "DataError":
+    except Exception as e:  # the known failures get one clear line, no traceback wall
+        if type(e).__name__ == "DataError":  # unreadable training data
+            print(f"dsclip: error: rank {env_rank()}: {_one_line(e)}", file=sys.stderr, flush=True)
+            return 1
+        if type(e).__name__ == "RemoteSyncError":  # raised on every rank together
+            if env_rank() == 0:
+                print(f"dsclip: error: {e}", file=sys.stderr, flush=True)
+            return 1
+        line = peer_failure_message(e)  # a collective failed because a peer rank is gone
+        if line is None:
             raise
-        print(f"dsclip: error: rank {env_rank()}: {_one_line(e)}", file=sys.stderr, flush=True)
+        print(line, file=sys.stderr, flush=True)
         return 1
+    finally:  # after a failure: abandon uploads still running, silence the watchdog
+        if "dsclip.checkpoint" in sys.modules:
+            sys.modules["dsclip.checkpoint"].cancel_uploads()
+        close_active()
     return 0
 
 

@@ -34,8 +34,9 @@ DEFAULT_SELECT = "ood-within:1"
 # ---------------------------------------------------------------- loading weights
 
 
-def _dsclip_checkpoint(path: str) -> StateDict | None:
-    """fp32 weights of a dsclip run dir, checkpoints dir or tag dir (None for anything else)."""
+def _dsclip_checkpoint(path: str, trust: bool = False) -> StateDict | None:
+    """fp32 weights of a dsclip run dir, checkpoints dir or tag dir (None for anything else); its
+    pickles are vetted unless ``trust``."""
     from . import checkpoint as ckpt
 
     ckpt_dir, tag = ckpt.locate(path)
@@ -48,19 +49,21 @@ def _dsclip_checkpoint(path: str) -> StateDict | None:
         raise ConfigError(f"{e}; pass a complete checkpoint") from None
     from .export import consolidated_state_dict
 
-    return consolidated_state_dict(ckpt_dir, resolved)
+    return consolidated_state_dict(ckpt_dir, resolved, trust=trust)
 
 
-def load_weights(path: str, model_name: str) -> StateDict:
+def load_weights(path: str, model_name: str, trust: bool = False) -> StateDict:
     """A state dict with open_clip key names from a dsclip checkpoint dir, or anything
-    ``--pretrained`` accepts: a weights file, a DeepSpeed ZeRO checkpoint dir, a pretrained tag."""
+    ``--pretrained`` accepts: a weights file, a DeepSpeed ZeRO checkpoint dir, a pretrained tag.
+    Pickles load as plain data (``weights_only``, or vetted before DeepSpeed's reader) unless
+    ``trust``."""
     if os.path.isdir(path):
-        sd = _dsclip_checkpoint(path)
+        sd = _dsclip_checkpoint(path, trust)
         if sd is not None:
             return sd
     from .pretrained import load_pretrained_state_dict
 
-    return load_pretrained_state_dict(path, model_name)
+    return load_pretrained_state_dict(path, model_name, trust=trust)
 
 
 def check_compatible(
@@ -426,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: every other zero-shot set's top1)",
     )
     p.add_argument("--save-all", action="store_true", help="also write the weights of every alpha")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load pickles that need more than plain data; only for checkpoints you trust")
     p.add_argument("--no-export", dest="export", action="store_false", help="do not write the chosen weights")
     add_eval_args(p, model_required=False)
     return p
@@ -446,8 +451,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = build_eval_config(args)
         model, preprocess, tokenizer, image_size, name = build_model(model_arg, None, args)
         reference = model.state_dict()
-        zs = match_scalar_shapes(load_weights(args.zeroshot, name), reference)
-        ft = match_scalar_shapes(load_weights(args.finetuned, name), reference)
+        zs = match_scalar_shapes(load_weights(args.zeroshot, name, args.trust_checkpoint), reference)
+        ft = match_scalar_shapes(load_weights(args.finetuned, name, args.trust_checkpoint), reference)
         check_compatible(zs, ft)
         check_compatible(reference, zs, names=(f"model {name}", "zero-shot"))
         from .evaluate import Evaluator

@@ -22,6 +22,7 @@ import re
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
@@ -71,6 +72,7 @@ class LabelledDataset:
     classnames: list[str]
     templates: list[str]
     image_size: tuple[int, int]
+    max_pixels: int = 89_478_485  # images over this many pixels are refused from their header
 
     def loader(
         self, rank: int, world: int, batch_size: int, workers: int = 0
@@ -83,19 +85,32 @@ class LabelledDataset:
         return torch.zeros(1, 3, *self.image_size)
 
 
+DEFAULT_MAX_PIXELS = LabelledDataset.max_pixels  # PIL's own limit; the trainer passes --max-image-pixels
+
+
+def open_rgb(src: Any, what: str, max_pixels: int) -> Any:
+    """An RGB PIL image, refusing from its header alone one over ``max_pixels`` (a decompression
+    bomb in an evaluation set would otherwise be decoded in full)."""
+    from PIL import Image
+
+    with Image.open(src) as im:
+        w, h = im.size
+        if w * h > max_pixels:
+            raise ValueError(f"{what}: {w}x{h} pixels is over --max-image-pixels {max_pixels}; remove the "
+                             f"image from the evaluation set or raise the limit")
+        return im.convert("RGB")
+
+
 class _FileList(Dataset):
-    def __init__(self, items: list[tuple[str, int]], preprocess: Callable):
-        self.items, self.preprocess = items, preprocess
+    def __init__(self, items: list[tuple[str, int]], preprocess: Callable, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.items, self.preprocess, self.max_pixels = items, preprocess, max_pixels
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image
-
         path, label = self.items[i]
-        with Image.open(path) as im:
-            return self.preprocess(im.convert("RGB")), label
+        return self.preprocess(open_rgb(path, path, self.max_pixels)), label
 
 
 class ImageFolderDataset(LabelledDataset):
@@ -149,7 +164,7 @@ class ImageFolderDataset(LabelledDataset):
         self.num_samples = len(self.samples)
 
     def loader(self, rank: int, world: int, batch_size: int, workers: int = 0):
-        share = _FileList(self.samples[rank::world], self.preprocess)
+        share = _FileList(self.samples[rank::world], self.preprocess, self.max_pixels)
         return iter(DataLoader(share, batch_size=batch_size, num_workers=workers, shuffle=False))
 
 
@@ -165,6 +180,8 @@ def _split(n_items: int, index: int, count: int) -> tuple[slice, int | None]:
 
 class _ShardStream(IterableDataset):
     """This rank's samples of a set of WebDataset shards, split further over loader workers."""
+
+    max_pixels = DEFAULT_MAX_PIXELS
 
     def __init__(self, urls: list[str], preprocess: Callable, rank: int, world: int, endpoint: str | None):
         self.urls, self.preprocess, self.rank, self.world, self.endpoint = (
@@ -220,7 +237,6 @@ class _ShardStream(IterableDataset):
                     yield f"{url}:{key}", sample
 
     def _decode(self, key: str, sample: dict[str, bytes]) -> tuple[torch.Tensor, int]:
-        from PIL import Image
 
         ext = next((e for e in IMAGE_EXTS if e in sample), None)
         if ext is None or "cls" not in sample:
@@ -232,8 +248,7 @@ class _ShardStream(IterableDataset):
             label = int(sample["cls"].decode().strip())
         except ValueError:
             raise ValueError(f"sample {key}: cls entry {sample['cls'][:20]!r} is not an integer") from None
-        with Image.open(io.BytesIO(sample[ext])) as im:
-            return self.preprocess(im.convert("RGB")), label
+        return self.preprocess(open_rgb(io.BytesIO(sample[ext]), key, self.max_pixels)), label
 
 
 class ShardDataset(LabelledDataset):
@@ -260,6 +275,7 @@ class ShardDataset(LabelledDataset):
 
     def loader(self, rank: int, world: int, batch_size: int, workers: int = 0):
         stream = _ShardStream(self.urls, self.preprocess, rank, world, self.endpoint)
+        stream.max_pixels = self.max_pixels
         return iter(DataLoader(stream, batch_size=batch_size, num_workers=workers))
 
 
@@ -368,6 +384,7 @@ def load_zeroshot_datasets(
     image_size: tuple[int, int] | int,
     allow_pipe: bool = False,
     endpoint: str | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> list[LabelledDataset]:
     """Every configured zero-shot dataset, checked now so a bad path fails at start-up."""
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
@@ -377,4 +394,6 @@ def load_zeroshot_datasets(
     out = [open_zeroshot_dataset(s, preprocess, size, allow_pipe, endpoint) for s in specs]
     if imagenet_val:
         out.append(imagenet_dataset(imagenet_val, preprocess, size))
+    for ds in out:
+        ds.max_pixels = max_pixels
     return out

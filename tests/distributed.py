@@ -7,8 +7,10 @@ fails the test rather than waiting forever.
 
 from __future__ import annotations
 
+import glob
 import os
 import pickle
+import socket
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -20,8 +22,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _worker(rank: int, world: int, store_path: str, out_dir: str, fn: Callable, args: tuple) -> None:
+def _worker(rank: int, world: int, store_path: str, out_dir: str, fn: Callable, args: tuple, port: int) -> None:
     torch.set_num_threads(1)
+    # DeepSpeed's CPU shm comm op names its /dev/shm buffers after these; see run_ranks
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     store = dist.FileStore(store_path, world)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=120))
     try:
@@ -36,12 +40,19 @@ def _worker(rank: int, world: int, store_path: str, out_dir: str, fn: Callable, 
         dist.destroy_process_group()
 
 
+def _unique_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 300) -> list[Any]:
     """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; return each rank's result."""
     with tempfile.TemporaryDirectory() as tmp:
         store_path = os.path.join(tmp, "store")
         ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_worker, args=(r, world, store_path, tmp, fn, args)) for r in range(world)]
+        port = _unique_port()
+        procs = [ctx.Process(target=_worker, args=(r, world, store_path, tmp, fn, args, port)) for r in range(world)]
         for p in procs:
             p.start()
         for p in procs:
@@ -50,6 +61,11 @@ def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 300) -> lis
         for p in procs:
             if p.is_alive():
                 p.kill()
+        for p in procs:
+            p.join()
+        # ranks that initialise DeepSpeed themselves skip dsclip's unlinking of its shm buffers
+        for leftover in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*"):
+            os.unlink(leftover)
         if hung:
             raise TimeoutError(f"ranks {hung} did not finish within {timeout}s")
         results = []

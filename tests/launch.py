@@ -121,8 +121,10 @@ def launch_many(runs: dict[str, list[str] | tuple[list[str], dict[str, str]]], n
     spec_path = os.path.join(spec_dir, "spec.json")
     with open(spec_path, "w") as fh:
         json.dump(spec, fh)
-    job = run_process(launcher_cmd(launcher, nproc, free_port(), MULTIRUN) + [spec_path], timeout, cwd=ROOT,
+    port = free_port()
+    job = run_process(launcher_cmd(launcher, nproc, port, MULTIRUN) + [spec_path], timeout, cwd=ROOT,
                       env=env or cpu_env())
+    job.port = port  # the rendezvous port, which names the job's shared-memory buffers
     per_rank = [_read_json(os.path.join(spec_dir, f"results.rank{rank}.json")) for rank in range(nproc)]
     results = {}
     for name in runs:

@@ -54,7 +54,9 @@ def test_yaml_errors_name_the_key(tmp_path, text, needle):
 
 
 def test_params_yaml_masks_secrets(tmp_path):
-    cfg = parse_args(["--train-data", "s3://AKIAXXXX:sup3rsecret@bucket/x-{0..3}.tar"])
+    config = tmp_path / "run.yaml"  # a URL with credentials is refused on the command line
+    config.write_text("data:\n  train_data: s3://AKIAXXXX:sup3rsecret@bucket/x-{0..3}.tar\n")
+    cfg = parse_args(["--config", str(config)])
     save_yaml(cfg, str(tmp_path / "p.yaml"))
     text = (tmp_path / "p.yaml").read_text()
     assert "sup3rsecret" not in text and "AKIAXXXX" not in text and "bucket/x-{0..3}.tar" in text
@@ -87,6 +89,21 @@ def test_explicit_json_value_contradicting_a_flag_is_an_error():
     fill_ds_config(ds, parse_args([]), world=1, precision="fp32")  # no flag: the JSON value stands
     with pytest.raises(ConfigError, match="contradicts"):
         fill_ds_config(ds, parse_args(["--batch-size", "16"]), world=1, precision="fp32")
+    import copy
+
+    opt = copy.deepcopy(DEFAULT_DS_CONFIG)
+    opt["optimizer"]["params"]["betas"] = [0.9, 0.999]
+    assert fill_ds_config(opt, parse_args([]), 1, "fp32")["optimizer"]["params"]["betas"] == [0.9, 0.999]
+    fill_ds_config(opt, parse_args(["--beta2", "0.999"]), 1, "fp32")  # agreeing flag: fine
+    for flags, key in ((["--beta2", "0.95"], "betas"), (["--beta1", "0.8"], "betas")):
+        with pytest.raises(ConfigError, match=key):
+            fill_ds_config(opt, parse_args(flags), 1, "fp32")
+    with pytest.raises(ConfigError, match="gradient_clipping"):
+        fill_ds_config(dict(DEFAULT_DS_CONFIG, gradient_clipping=1.0), parse_args(["--grad-clip-norm", "2"]), 1,
+                       "fp32")
+    with pytest.raises(ConfigError, match="bf16.enabled"):
+        fill_ds_config(dict(DEFAULT_DS_CONFIG, bf16={"enabled": True}), parse_args(["--precision", "fp32"]), 1,
+                       "fp32")
     with pytest.raises(ConfigError, match="scheduler"):
         fill_ds_config(dict(DEFAULT_DS_CONFIG, scheduler={"type": "WarmupLR"}), parse_args([]), 1, "fp32")
 

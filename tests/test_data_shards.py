@@ -9,7 +9,6 @@ import pytest
 import torch
 import webdataset
 
-from dsclip.config import ConfigError
 from dsclip.data.shards import main, write_shards
 from tests.test_data_wds import all_keys, cfg_for, image, source
 
@@ -70,14 +69,16 @@ def test_shards_cli_manifest_and_resize(tmp_path, kind):
         assert [m["extra"] for _, _, m in got] == list(range(6))
 
 
-def test_shards_cli_errors(tmp_path):
-    with pytest.raises(ConfigError, match="source folder not found"):
-        main([str(tmp_path / "nope"), str(tmp_path / "out")])
+def test_shards_cli_errors(tmp_path, capsys):
+    # one line naming the problem and the fix, exit code 2, no traceback
+    assert main([str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dsclip: error: ") and "source folder not found" in err and err.count("\n") == 1
     src = image_folder(str(tmp_path / "images"), 2)
     bad = tmp_path / "m.csv"
     bad.write_text("a,b\nx,y\n")
-    with pytest.raises(ConfigError, match="--csv-img-key"):
-        main([src, str(tmp_path / "out"), "--manifest", str(bad)])
+    assert main([src, str(tmp_path / "out"), "--manifest", str(bad)]) == 2
+    assert "--csv-img-key" in capsys.readouterr().err
 
 
 def test_write_shards_is_deterministic_and_skips_bad_images(tmp_path):

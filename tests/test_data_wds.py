@@ -5,6 +5,7 @@ The helpers here (tiny shards, config, tokenizer) are shared by the other ``test
 
 from __future__ import annotations
 
+import copy
 import functools
 import io
 import json
@@ -31,7 +32,10 @@ from dsclip.data.wds import (
     check_image_header,
     image_size,
     iter_tar,
+    range_parts,
+    sample_ranges,
     split_parts,
+    stream_quotas,
 )
 
 torch.set_num_threads(1)
@@ -95,11 +99,25 @@ def test_resume_mid_epoch_matches_tail(shards6, preprocess, tokenizer, workers, 
     cfg = cfg_for(shards6, workers=workers, dataset_resampled=resampled)
     src = source(cfg, preprocess, tokenizer)
     assert src.num_batches == 15
-    full = list(src.batches(1, 0))
+    full, saved = [], {}
+    for batch in src.batches(1, 0):
+        full.append(batch)
+        if len(full) in (1, 4, 7):  # what a checkpoint after batch k keeps
+            saved[len(full)] = copy.deepcopy(src.local_position())
     assert len(full) == src.num_batches
+    resumed = source(cfg, preprocess, tokenizer)
     for k in (1, 4, 7):
-        tail = list(src.batches(1, k))
+        tail = list(src.batches(1, k))  # no saved position: the epoch is replayed up to batch k
         assert [b["keys"] for b in tail] == [b["keys"] for b in full[k:]]
+        if k == 4:
+            continue
+        resumed.restore_local_position(saved[k]["streams"], [])
+        again = list(resumed.batches(1, k))  # from the saved reader positions
+        assert [b["keys"] for b in again] == [b["keys"] for b in full[k:]]
+        assert torch.equal(again[0]["image"], full[k]["image"])
+    streams = max(1, workers)
+    assert resumed.stats()["restored_streams"] == sum(min(k, streams) for k in (1, 7))
+    assert resumed.stats()["replayed_batches"] == 0
     # augmentation is seeded per batch, so even the random crops match
     tail = list(src.batches(1, 7))
     assert torch.equal(tail[0]["image"], full[7]["image"])
@@ -108,6 +126,37 @@ def test_resume_mid_epoch_matches_tail(shards6, preprocess, tokenizer, workers, 
     again = source(cfg, preprocess, tokenizer)
     assert all_keys(again, 1, 3) == [b["keys"] for b in full[3:]]
     assert all_keys(again, 2) != [b["keys"] for b in full]
+
+
+def test_resume_from_a_saved_position_rereads_only_what_it_references(tmp_path, preprocess, tokenizer, monkeypatch):
+    from dsclip.data import wds
+
+    url = make_shards(str(tmp_path), shards=10, per_shard=10)
+    cfg = cfg_for(url, shuffle_buffer=4)
+    src = source(cfg, preprocess, tokenizer)  # one stream, 25 batches of 4
+    full, saved = [], None
+    for batch in src.batches(0):
+        full.append(batch["keys"])
+        if len(full) == 20:
+            saved = copy.deepcopy(src.local_position())
+    # the record is plain data: it survives a weights_only load (as in a checkpoint)
+    buf = io.BytesIO()
+    torch.save(saved, buf)
+    saved = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+
+    opened: list[str] = []
+    real_open = wds.open_shard
+    monkeypatch.setattr(wds, "open_shard", lambda url, *a: opened.append(os.path.basename(url)) or real_open(url, *a))
+    assert all_keys(source(cfg, preprocess, tokenizer), 0, 20) == full[20:]
+    replay_opened, opened[:] = list(opened), []
+    resumed = source(cfg, preprocess, tokenizer)
+    resumed.restore_local_position(saved["streams"], [saved["stats"]])
+    assert all_keys(resumed, 0, 20) == full[20:]
+    epoch_order = [os.path.basename(p.shard) for p in src.pipeline.stream_parts(0, 0, 1)]
+    assert len(replay_opened) == 10  # the replay reads the whole epoch up to the resume point
+    assert 1 <= len(opened) <= 3 and opened == epoch_order[-len(opened):]  # only the epoch's last shards
+    # the counts go on from the checkpoint's: each raw sample counted once over both runs
+    assert resumed.stats()["samples"] == src.stats()["samples"] == 100
 
 
 def test_one_epoch_visits_every_sample_once(shards6, preprocess, tokenizer):
@@ -132,26 +181,45 @@ def test_start_batch_past_the_end_yields_nothing(shards6, preprocess, tokenizer)
 
 def test_two_ranks_uneven_shards_same_batch_count(tmp_path, preprocess, tokenizer):
     url = make_shards(str(tmp_path), shards=5, per_shard=10)
-    # 40 samples per epoch: rank 0 (3 shards) drops its tail, rank 1 (2 shards) has exactly enough
+    # 40 samples per epoch of the 50: 5 batches on each rank, every sample at most once
     cfg = cfg_for(url, train_num_samples=40)
     ranks = [source(cfg, preprocess, tokenizer, rank=r, world=2) for r in range(2)]
     keys = [[k for b in all_keys(s) for k in b] for s in ranks]
     assert ranks[0].num_batches == ranks[1].num_batches == 5
     assert len(keys[0]) == len(keys[1]) == 20
-    assert not set(keys[0]) & set(keys[1])
     assert len(set(keys[0] + keys[1])) == 40
 
-    # 50 samples (sizes.json): 6 batches each; rank 1 has 20 samples for 24 slots and wraps
-    # around within its own epoch stream (documented policy), repeating exactly 4 samples
+    # all 50 (sizes.json): 6 batches each; the per-shard counts split the epoch at sample
+    # granularity (5 shards over 2 ranks), so no sample repeats and only 50 - 48 are left out
     ranks = [source(cfg_for(url), preprocess, tokenizer, rank=r, world=2) for r in range(2)]
+    keys = [[k for b in all_keys(s) for k in b] for s in ranks]
+    assert ranks[0].num_batches == ranks[1].num_batches == 6
+    assert len(keys[0]) == len(keys[1]) == 24
+    assert len(set(keys[0] + keys[1])) == 48
+    assert all(s.stats()["repeated"] == 0 for s in ranks)
+
+    # without per-shard counts the shards are dealt out whole: rank 1 (2 shards, 20 samples for
+    # 24 slots) wraps around within its own epoch stream, repeating exactly 4 samples, counted
+    os.remove(os.path.join(str(tmp_path), "sizes.json"))
+    ranks = [source(cfg_for(url, train_num_samples=50), preprocess, tokenizer, rank=r, world=2) for r in range(2)]
     keys = [[k for b in all_keys(s) for k in b] for s in ranks]
     assert ranks[0].num_batches == ranks[1].num_batches == 6
     assert len(keys[0]) == len(keys[1]) == 24
     assert not set(keys[0]) & set(keys[1])
     short = min(keys, key=lambda ks: len(set(ks)))
-    long = max(keys, key=lambda ks: len(set(ks)))
-    assert len(set(long)) == 24 and len(set(short)) == 20
-    assert sum(n - 1 for n in Counter(short).values()) == 4
+    assert len(set(short)) == 20 and sum(n - 1 for n in Counter(short).values()) == 4
+    assert sorted(s.stats()["repeated"] for s in ranks) == [0, 4]
+
+
+def test_sample_ranges_split_the_epoch_at_sample_granularity():
+    # quotas 8+8+4+4 of 30 samples: 6 spare, shared out as reserves; ranges are disjoint and contiguous
+    ranges = sample_ranges(30, [8, 8, 4, 4])
+    assert ranges == [(0, 10), (10, 10), (20, 5), (25, 5)]
+    parts = range_parts(["a", "b", "c"], [12, 0, 18], 10, 10)
+    assert parts == [ShardPart("a", start=10, stop=12), ShardPart("c", start=0, stop=8)]
+    # quotas past the data run on around it
+    assert range_parts(["a", "b"], [3, 3], 4, 5) == [ShardPart("b", start=1, stop=3), ShardPart("a", start=0, stop=3)]
+    assert stream_quotas(5, 4, 2, 2) == [12, 8, 12, 8]
 
 
 def test_fewer_shards_than_streams_split_samples(tmp_path, preprocess, tokenizer):
@@ -453,3 +521,55 @@ def test_http_shards_stream_with_sizes(tmp_path, preprocess, tokenizer):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_preflight_resolves_counts_and_refuses_bad_input_without_a_model(tmp_path, shards6):
+    from dsclip.data import preflight
+    from dsclip.data.synthetic import SyntheticSource
+
+    got = preflight(cfg_for(shards6), "train", world=2, batch_size=4)
+    assert (got.kind, got.num_samples, got.num_batches, got.num_shards) == ("webdataset", 60, 7, 6)
+    assert source(cfg_for(shards6), None, None, plan=got.plan).num_samples == 60  # the plan is reusable
+    assert preflight(cfg_for(shards6), "val") is None  # no --val-data
+    with pytest.raises(ConfigError, match="matches no shard"):
+        preflight(cfg_for(str(tmp_path / "nothing-{0..3}.tar")), "train")
+    with pytest.raises(ConfigError, match="cannot fill one global batch of 64"):
+        preflight(cfg_for(shards6), "train", world=4, batch_size=16)
+    synthetic = Config()
+    synthetic.data.train_num_samples = 10
+    assert preflight(synthetic, "train", batch_size=4).num_batches == 2
+    with pytest.raises(ConfigError, match="10 synthetic samples cannot fill one global batch of 16"):
+        preflight(synthetic, "train", world=2, batch_size=8)
+    with pytest.raises(ConfigError, match="raise --train-num-samples"):  # the source says the same
+        SyntheticSource(10, 8, 0, 2, None, (8, 8))
+    csv_cfg = cfg_for(str(tmp_path / "missing.csv"), dataset_type="csv")
+    with pytest.raises(ConfigError, match="CSV file not found"):
+        preflight(csv_cfg, "train")
+
+
+def test_resume_with_other_data_settings_is_refused(shards6):
+    from dsclip.data import check_resume_data
+
+    saved = cfg_for(shards6, workers=2)
+    assert check_resume_data(cfg_for(shards6, workers=2), saved.to_dict(), 2, 2) is None
+    changed = cfg_for(shards6, workers=1, shuffle_buffer=8)
+    changed.run.seed = 3
+    with pytest.raises(ConfigError) as err:
+        check_resume_data(changed, saved.to_dict(), 2, 2)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "--workers 1 (checkpoint: 2)" in message and "--shuffle-buffer 8 (checkpoint: 16)" in message
+    assert "--seed 3 (checkpoint: 0)" in message and "resume with the checkpoint's values" in message
+    # another world size: the global batch must match, and the sample order cannot stay exact
+    other_world = cfg_for(shards6, workers=1)
+    other_world.optim.batch_size = saved.optim.batch_size * 2
+    note = check_resume_data(other_world, saved.to_dict(), 2, 1)
+    assert "saved by 2 ranks" in note and "sample order differs" in note
+    with pytest.raises(ConfigError, match="the global batch"):
+        check_resume_data(cfg_for(shards6), saved.to_dict(), 2, 1)
+    # synthetic data is a pure function of the global sample index: exact on any world size
+    syn = Config()
+    syn.optim.batch_size = 16
+    saved_syn = Config()
+    saved_syn.optim.batch_size = 8
+    assert check_resume_data(syn, saved_syn.to_dict(), 2, 1) is None

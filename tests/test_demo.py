@@ -27,6 +27,7 @@ def test_quick_demo_fine_tuning_raises_domain_b(tmp_path, capsys):
     assert demo.main(["--quick", "--out", str(out), "--nproc", "2"]) == 0
     printed = capsys.readouterr().out
     assert "WiSE-FT" in printed and "where things are" in printed
+    assert "2 rank(s) on cpu (gloo), ZeRO-2" in printed  # the fine-tune runs under ZeRO-2 on 2 CPU ranks
     # fine-tuning on B at a high lr forgets A: the trainer's forgetting guard must say so
     assert "WARNING: forgetting: zero-shot top-1 on A" in printed
 

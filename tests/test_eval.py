@@ -213,3 +213,27 @@ def test_evaluator_imagenet_builtin(tmp_path):
 
     with pytest.raises(ConfigError, match="999 class folders"):
         load_zeroshot_datasets("", str(root), pre, 32)
+
+
+def test_evaluation_images_over_the_pixel_limit_are_refused_from_the_header(tmp_path, monkeypatch):
+    """A decompression bomb in an evaluation set is never decoded: the header alone refuses it."""
+    from PIL import Image
+
+    import dsclip.zeroshot_data as Z
+
+    folder = make_image_folder(str(tmp_path / "folder"), per_class=(1, 1))
+    shards = make_shards(str(tmp_path / "shards"), sizes=(2,), n_classes=2)
+    side = Image.open(next(p for p in (tmp_path / "folder").rglob("*.png"))).size
+    decoded = []
+    real_convert = Image.Image.convert
+    monkeypatch.setattr(Image.Image, "convert", lambda im, *a, **k: decoded.append(im.size) or real_convert(im, *a, **k))
+    for spec in (f"f={folder}", f"s={shards}/shard-{{000..000}}.tar"):
+        (ds,) = load_zeroshot_datasets(spec, "", lambda im: torch.zeros(3, 2, 2), 32,
+                                       max_pixels=side[0] * side[1] - 1)
+        with pytest.raises(ValueError, match="--max-image-pixels"):
+            next(ds.loader(0, 1, batch_size=2))
+        (ds,) = load_zeroshot_datasets(spec, "", lambda im: torch.zeros(3, 2, 2), 32)  # default: fine
+        _, labels = next(ds.loader(0, 1, batch_size=2))
+        assert len(labels) == 2
+    assert len(decoded) == 4  # only the images under the limit were decoded
+    assert Z.DEFAULT_MAX_PIXELS == Config().data.max_image_pixels

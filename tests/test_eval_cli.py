@@ -124,7 +124,7 @@ def test_sidecar_model_config(ckpt, tmp_path):
         (["--model", "WIDER", "--dataset-type", "synthetic"], "cannot load"),
         (["--model", TINY, "--zeroshot-data", "x=/does/not/exist"], "does not exist"),
         (["--model", TINY, "--bogus"], "unrecognized arguments"),
-        (["--model", TINY, "--dataset-type", "synthetic", "--val-num-samples", "4"], "validation data"),
+        (["--model", TINY, "--dataset-type", "synthetic", "--val-num-samples", "4"], "raise --val-num-samples"),
     ],
 )
 def test_errors_are_one_line(ckpt, capsys, args, msg):

@@ -125,3 +125,67 @@ def test_equal_sizes_are_untouched():
 def test_wrong_row_count_is_rejected():
     with pytest.raises(ValueError, match="prefix"):
         resize_visual_pos_embed(torch.randn(20, 4), (4, 4), (6, 6))
+
+
+# ------------------------------------------------------------------ the checkpoint's own grid, end to end
+
+def _load(*flags: str):
+    from dsclip.config import parse_args
+    from dsclip.model import create_model
+    from tests.launch import TINY as TINY_PATH
+
+    return create_model(parse_args(["--model", TINY_PATH, "--lr", "1e-4", *flags]))
+
+
+def _checkpoint_32x48(tmp_path, record: str) -> tuple[str, torch.Tensor]:
+    """Weights trained at 32x48 px (a 4x6 grid) that say so the way ``record`` names, or not at all."""
+    from safetensors.torch import save_file
+
+    from dsclip.export import save_weights
+
+    sd = {k: v.contiguous() for k, v in _state_dict(image_size=(32, 48)).items()}
+    cfg = copy.deepcopy(TINY)
+    cfg["vision_cfg"]["image_size"] = [32, 48]
+    path = tmp_path / "ft32x48.safetensors"
+    if record == "metadata":  # what `dsclip export` writes, also inside a run's final.safetensors
+        save_weights(sd, str(path), cfg)
+    else:
+        save_file(sd, str(path))
+        if record == "sidecar":  # the .model.json `dsclip export` writes beside it
+            (tmp_path / "ft32x48.model.json").write_text(json.dumps(cfg))
+    return str(path), sd["visual.positional_embedding"]
+
+
+@pytest.mark.parametrize("record", ["metadata", "sidecar"])
+@pytest.mark.parametrize("new_size", [(48, 48), (48, 32)])
+def test_non_square_checkpoint_grid_comes_from_its_config(tmp_path, record, new_size):
+    path, old = _checkpoint_32x48(tmp_path, record)
+    bundle = _load("--pretrained", path, "--force-image-size", *map(str, new_size))
+    new_grid = (new_size[0] // 8, new_size[1] // 8)
+    # 48x32 has as many positions as 32x48: only the recorded grid shows it must be transposed
+    expected = resize_visual_pos_embed(old, (4, 6), new_grid)
+    assert torch.equal(bundle.model.visual.positional_embedding.detach(), expected)
+    assert f"visual.positional_embedding: grid 4x6 -> {new_grid[0]}x{new_grid[1]} (1 prefix)" in bundle.notes
+
+
+def test_unrecorded_non_square_checkpoint_is_a_clear_error(tmp_path):
+    from dsclip.config import ConfigError
+
+    path, _ = _checkpoint_32x48(tmp_path, "none")
+    with pytest.raises(ConfigError) as err:  # 24 positions: 4x6, 6x4, 3x8, ... nothing says which
+        _load("--pretrained", path, "--force-image-size", "48")
+    msg = str(err.value)
+    assert "cannot tell the patch grid" in msg and "4x6" in msg and "vision_cfg.image_size" in msg
+    assert "\n" not in msg
+
+
+def test_model_config_grid_wins_over_sqrt():
+    from dsclip.posembed import checkpoint_grid
+
+    sd = _state_dict(image_size=(16, 64))  # a 2x8 grid: 16 positions, a square count
+    model = _tiny_clip(image_size=48)
+    cfg = copy.deepcopy(TINY)
+    cfg["vision_cfg"]["image_size"] = [16, 64]
+    assert checkpoint_grid(sd, model, [None, cfg]) == (2, 8)
+    assert checkpoint_grid(sd, model, [TINY]) == (4, 4)  # the config gives 4x4: 16 positions too
+    assert checkpoint_grid(sd, model, []) == (4, 4)  # nothing recorded: square

@@ -196,22 +196,85 @@ def test_unknown_tag_lists_valid_tags():
         P.load_pretrained_state_dict("laion2b_s34b_b79k", "tiny-clip")
 
 
-# ------------------------------------------------------------------ local-dir and hf-hub
+# ------------------------------------------------------------------ local-dir, hf-hub and tags through a filled cache
+
+HALF = (0.5, 0.5, 0.5)  # not open_clip's default mean/std: shows the repo's preprocess_cfg is used
 
 
-def test_local_dir_source(tmp_path, tiny_sd):
+def save_repo(root, seed: int = 3, misshape: str | None = None) -> dict[str, torch.Tensor]:
+    """An open_clip repo as open_clip's hub code writes it: open_clip_config.json
+    (``save_config_for_hf``) and the weights as safetensors and as a pickle.  Returns the weights."""
+    from pathlib import Path
+
+    from open_clip.push_to_hf_hub import save_config_for_hf
+
+    open_clip.add_model_config(TINY)
+    torch.manual_seed(seed)
+    model = open_clip.create_model("tiny-clip", force_preprocess_cfg={"mean": HALF, "std": HALF})
+    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    if misshape:
+        sd[misshape] = torch.zeros(5, 5)
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(root / "open_clip_model.safetensors"))
+    torch.save(sd, root / "open_clip_pytorch_model.bin")
+    save_config_for_hf(model, root / "open_clip_config.json", model_config=TINY_CFG)
+    return sd
+
+
+def fill_hf_cache(cache, repo: str, files: dict) -> None:
+    """Put ``files`` (name -> source path) into a Hugging Face cache as a downloaded snapshot."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / "main").write_text(commit)
+    snapshot = folder / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for name, src in files.items():
+        shutil.copy(src, snapshot / name)
+
+
+@pytest.fixture()
+def hf_cache(monkeypatch, tmp_path):
+    """An offline Hugging Face cache the test fills (HF_HUB_OFFLINE, as on a machine without network)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def build(*flags: str):
+    from dsclip.config import parse_args
+    from dsclip.model import create_model
+
+    return create_model(parse_args([*flags, "--lr", "1e-4"]))
+
+
+def normalize_of(preprocess):
+    from torchvision.transforms import Normalize
+
+    return next(t for t in preprocess.transforms if isinstance(t, Normalize))
+
+
+def assert_loaded(bundle, sd: dict[str, torch.Tensor]) -> None:
+    assert_same(bundle.model.state_dict(), sd)
+    assert tuple(normalize_of(bundle.preprocess_val).mean) == HALF  # the repo's preprocess_cfg
+
+
+def test_local_dir_model_loads_config_and_weights_through_dsclip(tmp_path):
     root = tmp_path / "my-clip"
-    root.mkdir()
-    (root / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CFG, "preprocess_cfg": {}}))
-    save_file({k: v.contiguous() for k, v in tiny_sd.items()}, str(root / "open_clip_model.safetensors"))
-    cfg_path, weights = P.resolve_model_source(f"local-dir:{root}")
-    assert weights == str(root / "open_clip_model.safetensors")
-    open_clip.add_model_config(cfg_path)
-    model = open_clip.create_model(os.path.splitext(os.path.basename(cfg_path))[0])
-    sd = P.load_pretrained_state_dict(weights, "")
-    P.check_state_dict(model, sd)
-    model.load_state_dict(sd)
-    assert P.resolve_model_source("ViT-B-32") == ("ViT-B-32", None)
+    sd = save_repo(root)
+    source = P.resolve_model_source(f"local-dir:{root}")
+    assert source.weights == str(root / "open_clip_model.safetensors") and source.config == TINY_CFG
+    bundle = build("--model", f"local-dir:{root}")
+    assert_loaded(bundle, sd)
+    assert bundle.model_cfg == TINY_CFG  # recorded in checkpoints and beside exports
+    assert P.resolve_model_source("ViT-B-32") == P.ModelSource("ViT-B-32")
 
 
 def test_local_dir_errors(tmp_path):
@@ -224,9 +287,81 @@ def test_local_dir_errors(tmp_path):
         P.resolve_model_source(f"local-dir:{tmp_path}")
 
 
+def test_hf_hub_model_loads_from_a_filled_cache(tmp_path, hf_cache):
+    from dsclip.model import register_model
+
+    repo_dir = tmp_path / "repo"
+    sd = save_repo(repo_dir)
+    files = ("open_clip_config.json", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+    fill_hf_cache(hf_cache, "dsclip-test/tiny-clip", {f: repo_dir / f for f in files})
+    bundle = build("--model", "hf-hub:dsclip-test/tiny-clip")
+    assert_loaded(bundle, sd)
+    assert bundle.model_cfg == TINY_CFG and bundle.name == "hf-hub-dsclip-test--tiny-clip"
+    assert any("loaded pretrained weights from hf-hub:dsclip-test/tiny-clip" in n for n in bundle.notes)
+    assert register_model("hf-hub:dsclip-test/tiny-clip") == bundle.name  # dsclip eval/wiseft/plan
+
+
+def test_hf_hub_mis_shaped_key_is_one_clear_error(tmp_path, hf_cache):
+    repo_dir = tmp_path / "repo"
+    save_repo(repo_dir, misshape="text_projection")
+    fill_hf_cache(hf_cache, "dsclip-test/bad-clip", {f: repo_dir / f for f in
+                                                      ("open_clip_config.json", "open_clip_model.safetensors")})
+    with pytest.raises(ConfigError) as err:
+        build("--model", "hf-hub:dsclip-test/bad-clip")
+    msg = str(err.value)
+    assert "1 mis-shaped: text_projection [5, 5] vs model [32, 32]" in msg and "\n" not in msg
+
+
 def test_hf_hub_offline_is_a_clear_error(offline):
     with pytest.raises(ConfigError, match="cannot be reached.*local-dir"):
         P.resolve_model_source("hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K")
+
+
+def test_tag_downloads_through_open_clip_from_a_filled_cache(tmp_path, hf_cache, monkeypatch):
+    """Tags resolve through open_clip's own table and hub code: a real tag's repo and file name,
+    and a tag whose hf_hub entry names a pickle (tried after its .safetensors alternative)."""
+    from open_clip import pretrained as ocp
+
+    sd = save_repo(tmp_path / "repo")
+    # ViT-B-32 laion2b_s34b_b79k is hf_hub 'laion/CLIP-ViT-B-32-laion2B-s34B-b79K/': open_clip asks for
+    # open_clip_pytorch_model.bin and prefers its safetensors twin
+    fill_hf_cache(hf_cache, "laion/CLIP-ViT-B-32-laion2B-s34B-b79K",
+                  {"open_clip_model.safetensors": tmp_path / "repo" / "open_clip_model.safetensors"})
+    assert_same(P.load_pretrained_state_dict("laion2b_s34b_b79k", "ViT-B-32"), sd)
+
+    fill_hf_cache(hf_cache, "dsclip-test/tiny-tag",
+                  {"weights.bin": tmp_path / "repo" / "open_clip_pytorch_model.bin"})
+    monkeypatch.setitem(ocp._PRETRAINED, "tiny-clip",
+                        {"dsclip_test": ocp._pcfg(hf_hub="dsclip-test/tiny-tag/weights.bin", mean=HALF, std=HALF)})
+    bundle = build("--model", TINY, "--pretrained", "dsclip_test")
+    assert_loaded(bundle, sd)  # weights and the tag's mean/std
+
+
+# ------------------------------------------------------------------ SigLIP's logit init
+
+
+def test_siglip_model_gets_siglip_init_unless_the_checkpoint_has_it(tmp_path):
+    import math
+
+    fresh = build("--model", TINY, "--siglip")
+    assert float(fresh.model.logit_bias.detach()) == -10.0
+    assert float(fresh.model.logit_scale.detach()) == pytest.approx(math.log(10))
+    assert fresh.model_cfg["init_logit_bias"] == -10.0  # an export's .model.json rebuilds logit_bias
+
+    clip_ckpt = tmp_path / "clip.safetensors"  # InfoNCE weights: logit_scale ln(100), no logit_bias
+    save_file({k: v.contiguous() for k, v in tiny_model().state_dict().items()}, str(clip_ckpt))
+    from_clip = build("--model", TINY, "--siglip", "--pretrained", str(clip_ckpt))
+    assert float(from_clip.model.logit_bias.detach()) == -10.0
+    assert float(from_clip.model.logit_scale.detach()) == pytest.approx(math.log(10))
+    assert any("not a SigLIP checkpoint" in n for n in from_clip.notes)
+
+    sd = dict(fresh.model.state_dict(), logit_bias=torch.tensor(-4.0), logit_scale=torch.tensor(2.5))
+    siglip_ckpt = tmp_path / "siglip.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(siglip_ckpt))
+    kept = build("--model", TINY, "--siglip", "--pretrained", str(siglip_ckpt))
+    assert float(kept.model.logit_bias.detach()) == -4.0 and float(kept.model.logit_scale.detach()) == 2.5
+    with pytest.raises(ConfigError, match="unexpected: logit_bias.*pass --siglip"):
+        build("--model", TINY, "--pretrained", str(siglip_ckpt))
 
 
 # ------------------------------------------------------------------ LiT image weights
@@ -353,3 +488,56 @@ def test_deepspeed_checkpoint_with_code_running_client_state_is_refused(ds_check
     with pytest.raises(ConfigError, match="posix.system.*trust-checkpoint"):
         P.load_pretrained_state_dict(str(ds_checkpoint / "evil"), "tiny-clip")
     assert not (ds_checkpoint / "pwned").exists()
+
+
+# ------------------------------------------------------------------ every other reader of checkpoint pickles
+
+
+@pytest.fixture()
+def planted(tmp_path):
+    """A complete-looking dsclip run whose model-states pickle carries a live payload (it runs on a
+    plain ``torch.load``), and the file the payload would create."""
+    from tests.faults.test_hostile import _poisoned_tag
+
+    sentinel = tmp_path / "payload-ran"
+    tag_dir = _poisoned_tag(tmp_path, sentinel)
+    torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), weights_only=False)
+    assert sentinel.exists()
+    sentinel.unlink()
+    return tmp_path / "evil", tag_dir, sentinel
+
+
+def test_export_refuses_a_planted_pickle(planted, tmp_path, capsys):
+    from dsclip import export
+
+    run_dir, _, sentinel = planted
+    out = tmp_path / "out.safetensors"
+    assert export.main([str(run_dir), str(out)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("dsclip export: error:"), err
+    assert "io.open" in err[0] and "--trust-checkpoint" in err[0]
+    assert not sentinel.exists() and not out.exists()
+
+
+def test_reused_universal_copy_is_vetted(tmp_path):
+    """A ``<tag>_universal/`` dir found on disk (synced, shared) is loaded by DeepSpeed with
+    ``weights_only=False`` like the tag itself; resume refuses one with a planted pickle."""
+    from dsclip.checkpoint import write_manifest
+    from dsclip.reshard import MARKER, _fingerprint, prepare_resume
+    from tests.faults.test_hostile import _Payload
+
+    ckpt_dir = tmp_path / "checkpoints"
+    tag_dir = ckpt_dir / "step_00000002"
+    tag_dir.mkdir(parents=True)
+    torch.save({"module": tiny_model().state_dict()}, tag_dir / "mp_rank_00_model_states.pt")  # clean
+    write_manifest(str(tag_dir), {"step": 2, "zero_stage": 2, "world_size": 1})
+    universal = ckpt_dir / "step_00000002_universal"
+    (universal / "zero" / "logit_scale").mkdir(parents=True)
+    sentinel = tmp_path / "payload-ran"
+    torch.save({"param": torch.zeros(1), "x": _Payload(str(sentinel))}, universal / "zero" / "logit_scale" / "fp32.pt")
+    (universal / MARKER).write_text(json.dumps({"source_fingerprint": _fingerprint(str(tag_dir))}))
+    with pytest.raises(ConfigError, match=r"cannot resume from .*_universal.*io\.open.*trust-checkpoint"):
+        prepare_resume(str(ckpt_dir), "step_00000002", 2, 0)
+    assert not sentinel.exists()
+    # trusted, the finished copy is reused as it is
+    assert prepare_resume(str(ckpt_dir), "step_00000002", 2, 0, trust=True)[1] == "step_00000002_universal"

@@ -436,3 +436,17 @@ def test_describe_and_format_param_groups():
     table = S.format_param_group_table(rows)
     assert "image_frozen" in table and "trainable" in table.splitlines()[-1]
     assert len(table.splitlines()) == len(rows) + 3
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--lock-text-unlocked-layers", "2"], "--lock-text"),
+    (["--strategy", "lock-image", "--lock-text-unlocked-layers", "2"], "--lock-text"),
+    (["--lock-image-unlocked-groups", "1"], "--lock-image"),
+])
+def test_unlocked_counts_on_an_unlocked_tower_are_an_error(flags, needle):
+    """open_clip silently ignores them without the lock; dsclip says so instead of training the tower."""
+    from dsclip.config import parse_args
+
+    with pytest.raises(ConfigError, match=needle):
+        S.apply_strategy(tiny_clip(), parse_args(flags))
+    S.apply_strategy(tiny_clip(), parse_args([*flags, needle]))  # with the lock it is what it says

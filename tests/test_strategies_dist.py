@@ -2,7 +2,8 @@
 
 The run starts from weights the test wrote, so the exported ``final.safetensors`` can be checked
 tensor by tensor: frozen parameters are bit-identical to the start, every trainable parameter has
-moved, and ``param_groups.json`` agrees with the strategy computed here.
+moved, and ``param_groups.json`` agrees with the strategy computed here.  LiT's trunk starts from
+a timm checkpoint unlike the --pretrained weights, so the export shows it was loaded.
 """
 
 from __future__ import annotations
@@ -48,8 +49,29 @@ def _lit_model_config(tmp_path) -> str:
     return str(path)
 
 
+def _imagenet_trunk(path) -> dict[str, torch.Tensor]:
+    """A timm ImageNet checkpoint as released (with its classifier), unlike the --pretrained start
+    weights in every tensor, BatchNorm statistics included.  Returns the trunk's share, keyed as
+    in the CLIP model."""
+    import timm
+
+    torch.manual_seed(4321)
+    net = timm.create_model("test_resnet", num_classes=10)
+    with torch.no_grad():  # a trained net: BatchNorm affine and statistics away from their init too
+        for name, t in [*net.named_parameters(), *net.named_buffers()]:
+            if name.endswith("running_var"):
+                t.uniform_(0.5, 2.0)
+            elif t.is_floating_point():
+                t.add_(torch.randn_like(t) * 0.05)
+    sd = net.state_dict()
+    torch.save(sd, path)
+    return {f"visual.trunk.{k}": v.clone() for k, v in sd.items() if not k.startswith("fc.")}
+
+
 def _start_weights(tmp_path, model_json: str) -> tuple[str, dict[str, torch.Tensor], str | None]:
-    """Random start weights on disk, plus (for LiT) the same trunk as a timm checkpoint."""
+    """Random start weights on disk, plus (for LiT) another trunk as a timm checkpoint.  The
+    returned weights are what the run starts from: the trunk's come from the timm checkpoint,
+    loaded after --pretrained."""
     open_clip.add_model_config(model_json)
     torch.manual_seed(1234)
     model = open_clip.create_model(os.path.splitext(os.path.basename(model_json))[0])
@@ -59,7 +81,10 @@ def _start_weights(tmp_path, model_json: str) -> tuple[str, dict[str, torch.Tens
     trunk_ckpt = None
     if hasattr(model.visual, "trunk"):
         trunk_ckpt = str(tmp_path / "trunk_in1k.pth")
-        torch.save(model.visual.trunk.state_dict(), trunk_ckpt)  # identical to the start: order-proof
+        trunk = _imagenet_trunk(trunk_ckpt)
+        assert trunk.keys() == {k for k in sd if k.startswith("visual.trunk.")}
+        assert not [k for k, v in trunk.items() if v.is_floating_point() and torch.equal(v, sd[k])]
+        sd.update(trunk)
     return str(start), sd, trunk_ckpt
 
 
@@ -116,9 +141,11 @@ def test_strategy_trains_only_what_it_should(strategy_runs, strategy):
     moved = [n for n in frozen if not torch.equal(final[n].reshape(start_sd[n].shape), start_sd[n])]
     assert not moved, f"frozen but changed: {moved}"
 
-    if strategy == "lit":  # BatchNorm running stats of the locked trunk are frozen too
-        stats = [k for k in start_sd if k.startswith("visual.trunk.") and "running_" in k]
-        assert stats and all(torch.equal(final[k], start_sd[k]) for k in stats)
+    if strategy == "lit":  # the locked trunk is the timm checkpoint's, BatchNorm statistics too
+        trunk = [k for k in start_sd if k.startswith("visual.trunk.")]
+        assert trunk and all(torch.equal(final[k], start_sd[k]) for k in trunk)
+        assert any("loaded image-tower weights" in line and "dropped classifier fc.bias, fc.weight" in line
+                   for line in results[strategy].stdout.splitlines())
     if strategy == "full":
         lrs = {r["group"]: r["lr"] for r in rows}
         assert lrs["image_L00_decay"] == pytest.approx(1e-3 * 0.5 ** 3)

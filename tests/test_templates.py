@@ -10,7 +10,7 @@ import pytest
 import timm
 
 from dsclip import strategies as S
-from dsclip.config import Config, load_yaml, parse_args
+from dsclip.config import Config, ConfigError, load_yaml, parse_args
 from tests.launch import TINY
 
 TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dsclip", "templates")
@@ -34,6 +34,10 @@ def test_template_validates(path):
     cfg = _load(path)
     from dsclip.train import validate
 
+    if cfg.eval.wise_ft_alphas:  # the sweep needs the evaluation data the user passes with the template
+        with pytest.raises(ConfigError, match="--zeroshot-data"):
+            validate(cfg)
+        cfg.eval.zeroshot_data = f"general={TEMPLATE_DIR}"
     validate(cfg)
     assert cfg.is_set("strategy.strategy")
     m = cfg.model

@@ -193,3 +193,23 @@ def test_cli_end_to_end(pair, tmp_path, capsys):
         wiseft.main(["--zeroshot", zs_path, "--finetuned", ft_path, "--model", TINY, "--alphas", "0,1"]) == 2
     )
     assert "nothing to evaluate" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_planted_pickle_in_a_checkpoint_dir(pair, tmp_path, capsys):
+    """dsclip run dirs are consolidated through DeepSpeed's reader (``weights_only=False``): their
+    pickles are vetted first, and a payload never runs."""
+    from tests.faults.test_hostile import _poisoned_tag
+
+    zs, _ = pair
+    zs_path = str(tmp_path / "zs.safetensors")
+    save_file(zs, zs_path)
+    sentinel = tmp_path / "payload-ran"
+    _poisoned_tag(tmp_path, sentinel)
+    out = tmp_path / "wiseft"
+    argv = ["--zeroshot", zs_path, "--finetuned", str(tmp_path / "evil"), "--model", TINY, "--alphas", "1",
+            "--out", str(out)]
+    assert wiseft.main(argv) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("dsclip wiseft: error:") and "io.open" in err[0], err
+    assert "--trust-checkpoint" in err[0]
+    assert not sentinel.exists() and not out.exists()

@@ -1,6 +1,8 @@
 """ZeRO-3 partitioned construction: the model is built inside deepspeed.zero.Init and pretrained
 weights are loaded module by module from rank 0, so no rank other than the reader ever holds the
-whole model.  Real gloo ranks; memory is each process's peak RSS (VmHWM)."""
+whole model.  Real gloo ranks; memory is each process's peak RSS (VmHWM).  Also on ZeRO-3
+ranks: an ``hf-hub:`` repo loaded through dsclip's loader, and the ``logit_scale`` clamp on a
+fully partitioned parameter."""
 
 from __future__ import annotations
 
@@ -104,3 +106,100 @@ def test_partitioned_build_and_load_never_materialise_the_model(tmp_path, monkey
     assert pos.shape == (1 + 4 * 6, 512)
     assert torch.equal(pos, plain[1]["values"]["visual.positional_embedding"])
     assert any("4x4 -> 4x6" in n for n in part[0]["notes"])
+
+
+# ------------------------------------------------------------------ hf-hub under ZeRO-3, the logit_scale clamp
+
+HF_REPO = "dsclip-test/tiny-clip"
+
+
+def _hf_hub_and_clamp(rank: int, world: int) -> dict:
+    import math
+
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from dsclip.config import parse_args
+    from dsclip.engine import DEFAULT_DS_CONFIG, fill_ds_config
+    from dsclip.model import clamp_logit_scale, create_model, promote_scalar_params
+
+    os.environ.update({"LOCAL_RANK": str(rank), "RANK": str(rank), "WORLD_SIZE": str(world)})
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    cfg = parse_args(["--model", f"hf-hub:{HF_REPO}", "--lr", "1e-4"])
+    # persistence threshold 0: even the 1-element logit_scale is partitioned (p.data empty)
+    ds = fill_ds_config(dict(DEFAULT_DS_CONFIG, zero_optimization={"stage": 3, "stage3_param_persistence_threshold": 0}),
+                        cfg, world, "fp32")
+    bundle = create_model(cfg, "cpu", zero3_config=ds)
+    params = dict(bundle.model.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        loaded = {n: p.detach().clone() for n, p in params.items()}
+
+    out = {"loaded": loaded if rank == 0 else None, "notes": bundle.notes, "clamp": {}}
+    ln100 = math.log(100.0)
+    for stage in (3, 2):
+        if stage == 2:
+            import open_clip
+
+            model = open_clip.create_model(bundle.name, output_dict=True)
+            promote_scalar_params(model)
+            stage_ds = dict(ds, zero_optimization={"stage": 2})
+        else:
+            model, stage_ds = bundle.model, ds
+        p = model.logit_scale
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=stage == 3):
+            if rank == 0 or stage == 2:
+                p.data.fill_(6.0)  # a temperature of e^6 = 403, past open_clip's clamp at 100
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=[q for q in model.parameters()],
+                                          config=stage_ds)
+        p = engine.module.logit_scale
+        partitioned = stage == 3 and p.data.numel() == 0
+        clamp_logit_scale(engine.module, ln100)
+        master = float(safe_get_full_fp32_param(p).reshape(-1)[0])
+        out_ = engine(image=torch.randn(2, 3, 32, 32), text=torch.randint(0, 100, (2, 16)))
+        loss = (out_["image_features"] @ out_["text_features"].T * out_["logit_scale"]).logsumexp(-1).mean()
+        engine.backward(loss)
+        engine.step()  # the working copy is refreshed from the fp32 master here
+        with deepspeed.zero.GatheredParameters([p], enabled=stage == 3):
+            after_step = float(p.data.reshape(-1)[0])
+        out["clamp"][stage] = {"partitioned": partitioned, "master": master, "after_step": after_step}
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_hub_zero3(tmp_path_factory):
+    from tests.test_pretrained import fill_hf_cache, save_repo
+
+    root = tmp_path_factory.mktemp("hf")
+    sd = save_repo(root / "repo")
+    files = ("open_clip_config.json", "open_clip_model.safetensors")
+    fill_hf_cache(root / "cache", HF_REPO, {f: root / "repo" / f for f in files})
+    with pytest.MonkeyPatch.context() as mp:  # the spawned ranks read the hub settings at import
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_HUB_CACHE", str(root / "cache"))
+        results = run_ranks(_hf_hub_and_clamp, 2, timeout=600)
+    return sd, results
+
+
+@pytest.mark.dist
+def test_hf_hub_repo_loads_module_by_module_under_zero3(hf_hub_zero3):
+    sd, results = hf_hub_zero3
+    loaded = results[0]["loaded"]
+    assert "built partitioned (deepspeed.zero.Init)" in results[0]["notes"]
+    assert any(f"hf-hub:{HF_REPO} (rank 0 reads, module by module)" in n for n in results[0]["notes"])
+    assert set(loaded) == set(sd)
+    for k, v in loaded.items():
+        assert torch.equal(v.reshape(sd[k].shape), sd[k]), k
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("stage", [3, 2])
+def test_logit_scale_clamp_reaches_the_fp32_master(hf_hub_zero3, stage):
+    import math
+
+    _, results = hf_hub_zero3
+    for rank_result in results:
+        r = rank_result["clamp"][stage]
+        assert r["partitioned"] or stage == 2
+        assert r["master"] == pytest.approx(math.log(100.0), abs=1e-6)
+        # one Adam step at lr 1e-4 from the clamped value; the unclamped master would give ~6
+        assert abs(r["after_step"] - math.log(100.0)) < 1e-3, r

@@ -86,6 +86,31 @@ def read_rows(path: str, img_key: str, caption_key: str, separator: str) -> tupl
     return paths, captions
 
 
+def _rows(cfg: Config, split: str) -> tuple[list[str], list[str]]:
+    d = cfg.data
+    path = d.train_data if split == "train" else d.val_data
+    if "::" in path:
+        raise ConfigError("--dataset-type csv reads one file; join the CSVs into one or use webdataset shards")
+    return read_rows(path, d.csv_img_key, d.csv_caption_key, d.csv_separator)
+
+
+def _batches(num_samples: int, path: str, batch_size: int, world: int) -> int:
+    n = num_samples // (batch_size * world)
+    if n == 0:
+        raise ConfigError(f"{num_samples} rows in {path} cannot fill one global batch of "
+                          f"{batch_size * world}; lower --batch-size or add data")
+    return n
+
+
+def csv_rows(cfg: Config, split: str, batch_size: int, world: int) -> tuple[int, int]:
+    """(samples per epoch, batches per rank) of a CSV split, checked as ``CsvSource`` checks them."""
+    d = cfg.data
+    given = d.train_num_samples if split == "train" else d.val_num_samples
+    rows = _rows(cfg, split)[0]  # checks the file and its columns
+    n = int(given) if given else len(rows)
+    return n, _batches(n, d.train_data if split == "train" else d.val_data, batch_size, world)
+
+
 class CsvSource:
     """See the module docstring."""
 
@@ -94,16 +119,11 @@ class CsvSource:
         d = cfg.data
         train = split == "train"
         path = d.train_data if train else d.val_data
-        if "::" in path:
-            raise ConfigError("--dataset-type csv reads one file; join the CSVs into one or use webdataset shards")
-        paths, captions = read_rows(path, d.csv_img_key, d.csv_caption_key, d.csv_separator)
+        paths, captions = _rows(cfg, split)
         given = d.train_num_samples if train else d.val_num_samples
         self.num_samples = int(given) if given else len(paths)
         self.batch_size, self.rank, self.world = batch_size, rank, world
-        self.num_batches = self.num_samples // (batch_size * world)
-        if self.num_batches == 0:
-            raise ConfigError(f"{self.num_samples} rows in {path} cannot fill one global batch of "
-                              f"{batch_size * world}; lower --batch-size or add data")
+        self.num_batches = _batches(self.num_samples, path, batch_size, world)
         self.pipeline = CsvPipeline(
             paths, captions, os.path.dirname(os.path.abspath(path)), os.path.basename(path), rank=rank, world=world,
             batch_size=batch_size, num_samples=self.num_samples, num_batches=self.num_batches,
@@ -120,3 +140,10 @@ class CsvSource:
 
     def stats(self) -> dict[str, Any]:
         return self._loader.book.summary()
+
+    def local_position(self) -> dict[str, Any]:
+        # batch n is a pure function of (seed, epoch, n): only the counts need keeping
+        return self._loader.local_state()
+
+    def restore_local_position(self, streams: list[dict], stats: list[dict]) -> None:
+        self._loader.restore(streams, stats)

@@ -289,6 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--s3-endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    try:
+        return _run(args)
+    except ConfigError as e:
+        print(f"dsclip: error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     items = folder_samples(args.src, args.manifest, args.csv_img_key, args.csv_caption_key, args.csv_separator)
     if not items:
         raise ConfigError(f"no images found in {args.src}; expected .jpg/.png/.webp files")

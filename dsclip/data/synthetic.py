@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from ..config import ConfigError
+
 COLOURS = ["red", "green", "blue", "yellow", "purple", "cyan", "orange", "white"]
 SHAPES = ["square", "stripe", "dot", "cross"]
 _RGB = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [.6, 0, .8], [0, 1, 1], [1, .5, 0], [1, 1, 1]])
@@ -34,16 +36,26 @@ def synthetic_sample(seed: int, index: int, image_size: tuple[int, int]) -> tupl
     return img, f"a {COLOURS[colour]} {SHAPES[shape]}"
 
 
+def synthetic_batches(num_samples: int, batch_size: int, world: int, count_flag: str = "--train-num-samples") -> int:
+    """Batches per rank per epoch; ConfigError when the samples cannot fill one global batch."""
+    if num_samples < 1 or batch_size < 1:
+        raise ConfigError(f"synthetic data needs at least one sample and a batch size >= 1, got "
+                          f"{num_samples} samples and --batch-size {batch_size}")
+    n = num_samples // (batch_size * world)
+    if n == 0:
+        raise ConfigError(f"{num_samples} synthetic samples cannot fill one global batch of "
+                          f"{batch_size * world}; raise {count_flag} or lower --batch-size")
+    return n
+
+
 class SyntheticSource:
     def __init__(self, num_samples: int, batch_size: int, rank: int, world: int, tokenizer: Callable,
-                 image_size: tuple[int, int], seed: int = 0, shuffle: bool = True):
+                 image_size: tuple[int, int], seed: int = 0, shuffle: bool = True,
+                 count_flag: str = "--train-num-samples"):
         self.num_samples, self.batch_size, self.rank, self.world = num_samples, batch_size, rank, world
         self.tokenizer, self.image_size, self.seed, self.shuffle = tokenizer, tuple(image_size), seed, shuffle
         self.global_batch = batch_size * world
-        self.num_batches = num_samples // self.global_batch
-        if self.num_batches == 0:
-            raise ValueError(f"{num_samples} synthetic samples cannot fill one global batch of "
-                             f"{self.global_batch}; raise --train-num-samples or lower --batch-size")
+        self.num_batches = synthetic_batches(num_samples, batch_size, world, count_flag)
 
     def order(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:

@@ -36,6 +36,7 @@ class ShardSet:
     url: str
     shards: list[str]
     num_samples: int | None  # from sizes.json / __len__, None when unknown
+    counts: list[int] | None = None  # per shard, aligned with ``shards``, when known
 
 
 def _has_glob(s: str) -> bool:
@@ -180,27 +181,47 @@ def _read_json(url: str, endpoint: str | None):
         raise ConfigError(f"{safe_url(url)} is not valid JSON; fix or delete it") from None
 
 
-def count_samples(shards: list[str], endpoint: str | None) -> int | None:
-    """Samples in ``shards`` from ``sizes.json`` (basename -> count) or ``__len__`` beside them."""
+def shard_counts(shards: list[str], endpoint: str | None) -> tuple[int | None, list[int] | None]:
+    """(total, per-shard counts) of ``shards`` from ``sizes.json`` (basename -> count) or ``__len__``
+    beside them; None where unknown.  ``__len__`` gives a per-shard count only for a folder that
+    holds a single one of the shards."""
     by_parent: dict[str, list[str]] = {}
     for s in shards:
         if s.startswith("pipe:"):
-            return None
+            return None, None
         by_parent.setdefault(parent_of(s), []).append(s)
     total = 0
+    per_shard: dict[str, int] | None = {}
     for parent, members in by_parent.items():
         sizes = _read_json(join(parent, "sizes.json"), endpoint)
         if isinstance(sizes, dict) and all(os.path.basename(m) in sizes for m in members):
-            total += sum(int(sizes[os.path.basename(m)]) for m in members)
+            try:
+                got = {m: int(sizes[os.path.basename(m)]) for m in members}
+            except (TypeError, ValueError):
+                raise ConfigError(f"{safe_url(join(parent, 'sizes.json'))} must map shard names to integers; "
+                                  f"fix it") from None
+            total += sum(got.values())
+            if per_shard is not None:
+                per_shard.update(got)
             continue
         raw = read_small(join(parent, "__len__"), endpoint)
         if raw is None:
-            return None
+            return None, None
         try:
-            total += int(raw.decode().strip())
+            n = int(raw.decode().strip())
         except ValueError:
             raise ConfigError(f"{safe_url(join(parent, '__len__'))} must hold one integer; fix it") from None
-    return total
+        total += n
+        if per_shard is not None and len(set(members)) == 1:
+            per_shard.update({members[0]: n})
+        else:
+            per_shard = None
+    return total, ([per_shard[s] for s in shards] if per_shard is not None else None)
+
+
+def count_samples(shards: list[str], endpoint: str | None) -> int | None:
+    """Samples in ``shards`` from ``sizes.json`` or ``__len__`` beside them (see ``shard_counts``)."""
+    return shard_counts(shards, endpoint)[0]
 
 
 def resolve_sources(spec: str, allow_pipe: bool = False, endpoint: str | None = None) -> list[ShardSet]:
@@ -210,7 +231,8 @@ def resolve_sources(spec: str, allow_pipe: bool = False, endpoint: str | None = 
         if not url.strip():
             raise ConfigError(f"empty source in '{safe_url(spec)}'; remove the extra '::'")
         shards = expand_url(url, allow_pipe, endpoint)
-        out.append(ShardSet(url=url, shards=shards, num_samples=count_samples(shards, endpoint)))
+        total, counts = shard_counts(shards, endpoint)
+        out.append(ShardSet(url=url, shards=shards, num_samples=total, counts=counts))
     return out
 
 

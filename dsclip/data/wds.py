@@ -2,31 +2,43 @@
 
 Per rank and epoch the pipeline is
 
-  shards --(seed+epoch shuffle, split over ranks, then over workers)--> tar members in memory
-  --> raw samples --(cheap checks: caption present, image header parses, pixel limit)-->
-  seeded shuffle buffer of raw bytes --> skip --> decode + preprocess + tokenize --> batches
-
-Everything up to "skip" works on raw bytes, so ``batches(epoch, k)`` reaches batch ``k`` without
-decoding the batches before it and yields exactly what ``batches(epoch, 0)`` yields from ``k``
-on.  Augmentation is seeded per batch too, so even the random crops match.
+  shards --(seed+epoch shuffle, split over ranks, then over worker streams)--> tar members in
+  memory --> raw samples --(cheap checks: caption present, image header parses, pixel limit)-->
+  seeded shuffle buffer of raw bytes --> decode + preprocess + tokenize --> batches
 
 Balance policy.  ``num_batches = num_samples // (batch_size * world)`` on every rank.  Each
 rank has ``workers`` logical streams; batch ``n`` of a rank comes from stream ``n % workers``
-(DataLoader hands out batches round-robin and keeps their order).  A stream whose shards hold
-fewer samples than its quota wraps around and reads them again (those samples repeat within
-the epoch); a stream with more drops its tail.  When there are fewer shards than streams, a
-shard is shared and each sharer keeps every k-th sample, so no stream is empty.  With
-``--dataset-resampled`` each stream draws shards with replacement from its own seeded random
-generator (seed, epoch, rank, stream) and mixes ``::``-joined sources sample by sample.
+(DataLoader hands out batches round-robin and keeps their order).  When every shard's sample
+count is known (``sizes.json``, or ``__len__`` beside a lone shard), the epoch's shuffled-shard
+concatenation is cut at sample granularity: each stream reads one contiguous range, its quota
+plus an even share of the spare samples (read only to replace unusable ones), so no sample is
+read twice in an epoch and only the spare remainder is left out.  Without counts, shards are
+dealt out whole, and when there are fewer shards than streams a shard is shared, each sharer
+keeping every k-th sample.  Either way, a stream that runs out of usable samples before its
+quota wraps around and reads its share again (those samples repeat; counted as ``repeated``).
+With ``--dataset-resampled`` each stream draws shards with replacement from its own seeded
+random generator (seed, epoch, rank, stream) and mixes ``::``-joined sources sample by sample.
 
-Exact resume needs the same world size, workers, batch size and seed.  Unusable samples
-(corrupt tar, bad image, missing or empty caption) are skipped and counted per kind and shard;
-the counts ride on each batch and are merged into ``stats()``.  An image whose header parses
-but whose pixels do not decode is replaced by another sample of the same batch, so batch
-positions, and thus resume, stay exact.  Tar members are only ever read into memory, by
-a small sequential tar reader (``tar_members``); member names with ``..`` or an absolute path
-are skipped and counted.  Remote shards are read ahead on a thread and the next shard is
-opened while the current one is decoded, so storage latency hides behind decoding.
+Resume.  Every batch carries its stream's reader state right after the batch was formed
+(``StreamReader.position``): the shuffle buffer as references (part or shard, raw sample
+index), the next raw sample, the pass, the RNG states and, resampled, the current and next
+shard of each source.  The trainer keeps the latest per stream in its checkpoints.  A stream
+started from one re-reads only the referenced samples and its reading position: parts before
+the earliest one referenced are never opened, and the same sample keys follow in the same
+order.  Without a saved position (an old checkpoint), ``batches(epoch, k)`` replays the epoch's
+raw samples from its start and discards the first ``k`` batches' worth without decoding them.
+Augmentation is seeded per batch, so even the random crops match.  Exact resume needs the same
+world size, workers, batch size, buffer and seed.
+
+Unusable samples (corrupt tar, bad image, missing or empty caption) are skipped and counted per
+kind and shard as they are read, once per epoch (not again in a wrap-around, a replay or a
+resume's re-read); the counts ride on each batch, are merged into ``stats()`` and are kept in
+checkpoints.  An image whose header parses but
+whose pixels do not decode is replaced by another sample of the same batch, so batch
+positions, and thus resume, stay exact.  Tar members are only ever read into memory, by a
+small sequential tar reader (``tar_members``); member names with ``..`` or an absolute path are
+skipped and counted.  Remote shards are read ahead on a thread and the next shard is opened
+while the current one is decoded, so storage latency hides behind decoding.
 """
 
 from __future__ import annotations
@@ -73,12 +85,17 @@ def stable_seed(*parts: Any) -> int:
 # ---------------------------------------------------------------- skip counters
 
 
+COUNTERS = ("samples", "retries", "repeated", "restored_streams", "replayed_batches")
+
+
 class SkipCounter:
-    """Samples seen and skipped (by kind and shard) in one process; cumulative."""
+    """What one process's reader did: raw samples read, skips by kind and shard, storage retries,
+    samples read again in a wrap-around (``repeated``), and how its streams started mid-epoch
+    (``restored_streams`` from a saved position, ``replayed_batches`` re-read without one).
+    Cumulative."""
 
     def __init__(self) -> None:
-        self.samples = 0
-        self.retries = 0
+        self.samples = self.retries = self.repeated = self.restored_streams = self.replayed_batches = 0
         self.skipped: dict[str, dict[str, int]] = {}
 
     def skip(self, kind: str, shard: str, n: int = 1) -> None:
@@ -86,8 +103,48 @@ class SkipCounter:
         per_shard[shard] = per_shard.get(shard, 0) + n
 
     def snapshot(self) -> dict[str, Any]:
-        return {"samples": self.samples, "retries": self.retries,
-                "skipped": {k: dict(v) for k, v in self.skipped.items()}}
+        return {**{k: getattr(self, k) for k in COUNTERS}, "skipped": {k: dict(v) for k, v in self.skipped.items()}}
+
+
+def summarize(snapshots: Iterable[dict]) -> dict[str, Any]:
+    """One summary (totals, ``by_kind``, ``by_shard``, ``skip_fraction``) of counter snapshots."""
+    totals = dict.fromkeys(COUNTERS, 0)
+    by_shard: dict[str, dict[str, int]] = {}
+    for snap in snapshots:
+        for k in COUNTERS:
+            totals[k] += snap.get(k, 0)
+        for kind, shards in snap["skipped"].items():
+            for shard, n in shards.items():
+                row = by_shard.setdefault(shard, {})
+                row[kind] = row.get(kind, 0) + n
+    by_kind: dict[str, int] = {}
+    for kinds in by_shard.values():
+        for kind, n in kinds.items():
+            by_kind[kind] = by_kind.get(kind, 0) + n
+    skipped = sum(by_kind.values())
+    return {**totals, "skipped": skipped, "skip_fraction": skipped / max(totals["samples"], 1),
+            "by_kind": dict(sorted(by_kind.items())), "by_shard": by_shard}
+
+
+def merge_summaries(summaries: Iterable[dict]) -> dict[str, Any]:
+    """Add up ``summarize`` results, e.g. those of every rank."""
+    snaps = [{**{k: s.get(k, 0) for k in COUNTERS},
+              "skipped": _by_kind_then_shard(s.get("by_shard", {}))} for s in summaries if s]
+    return summarize(snaps)
+
+
+def _by_kind_then_shard(by_shard: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for shard, kinds in by_shard.items():
+        for kind, n in kinds.items():
+            out.setdefault(kind, {})[shard] = n
+    return out
+
+
+def worst_shards(summary: dict[str, Any], n: int = 3) -> list[tuple[str, dict[str, int]]]:
+    """The ``n`` shards with the most skipped samples, most first: (name, {kind: count})."""
+    rows = summary.get("by_shard", {}).items()
+    return sorted(rows, key=lambda kv: (-sum(kv[1].values()), kv[0]))[:n]
 
 
 class StatsBook:
@@ -105,28 +162,23 @@ class StatsBook:
         self._base.extend(self._latest.values())
         self._latest = {}
 
+    def add_base(self, snapshot: dict) -> None:
+        """Counts from before this process started (a resumed run's checkpoint)."""
+        self._base.append(snapshot)
+
+    def merged(self) -> dict[str, Any]:
+        """Everything counted so far as one snapshot (what a checkpoint keeps)."""
+        s = summarize(itertools.chain(self._base, self._latest.values()))
+        return {**{k: s[k] for k in COUNTERS}, "skipped": _by_kind_then_shard(s["by_shard"])}
+
     def summary(self) -> dict[str, Any]:
-        samples = retries = 0
-        by_shard: dict[str, dict[str, int]] = {}
-        by_kind: dict[str, int] = {}
-        for snap in itertools.chain(self._base, self._latest.values()):
-            samples += snap["samples"]
-            retries += snap["retries"]
-            for kind, shards in snap["skipped"].items():
-                for shard, n in shards.items():
-                    by_kind[kind] = by_kind.get(kind, 0) + n
-                    row = by_shard.setdefault(shard, {})
-                    row[kind] = row.get(kind, 0) + n
-        skipped = sum(by_kind.values())
-        return {"samples": samples, "skipped": skipped, "skip_fraction": skipped / max(samples, 1),
-                "retries": retries, "by_kind": by_kind, "by_shard": by_shard}
+        return summarize(itertools.chain(self._base, self._latest.values()))
 
     def check(self, max_fraction: float) -> dict[str, Any]:
         s = self.summary()
         if s["samples"] >= MIN_SAMPLES_FOR_SKIP_CHECK and s["skip_fraction"] > max_fraction:
-            worst = sorted(s["by_shard"].items(), key=lambda kv: -sum(kv[1].values()))[:3]
             names = "; ".join(f"{shard} ({', '.join(f'{k} {n}' for k, n in kinds.items())})"
-                              for shard, kinds in worst)
+                              for shard, kinds in worst_shards(s))
             raise DataError(f"{s['skipped']} of {s['samples']} samples ({s['skip_fraction']:.1%}) were unusable, "
                             f"above --max-skip-fraction {max_fraction}; worst shards: {names}; fix or drop "
                             f"those shards, or raise --max-skip-fraction")
@@ -410,30 +462,19 @@ def collate(samples: list[tuple[str, str, bytes, str]], preprocess: Callable, to
     return {"image": torch.stack(images), "text": tokenizer(captions), "keys": keys, "captions": captions}
 
 
-def shuffled(items: Iterable, size: int, rng: random.Random) -> Iterator:
-    """A seeded shuffle buffer: fill ``size`` items, then emit a random one per new item."""
-    buf: list = []
-    for item in items:
-        if len(buf) < size:
-            buf.append(item)
-            continue
-        i = rng.randrange(size)
-        yield buf[i]
-        buf[i] = item
-    rng.shuffle(buf)
-    yield from buf
-
-
 # ---------------------------------------------------------------- shard assignment
 
 
 @dataclass(frozen=True)
 class ShardPart:
-    """Raw samples ``i`` of ``shard`` with ``i % count == index``."""
+    """Raw samples ``i`` of ``shard`` with ``start <= i < stop`` and ``i % count == index``
+    (``i`` numbers the shard's samples from 0; ``stop`` None is the shard's end)."""
 
     shard: str
     index: int = 0
     count: int = 1
+    start: int = 0
+    stop: int | None = None
 
 
 def split_parts(parts: list[ShardPart], consumers: int, which: int) -> list[ShardPart]:
@@ -446,6 +487,41 @@ def split_parts(parts: list[ShardPart], consumers: int, which: int) -> list[Shar
     return [ShardPart(part.shard, part.index + part.count * (which // n), part.count * sharers)]
 
 
+def stream_quotas(num_batches: int, batch_size: int, world: int, streams: int) -> list[int]:
+    """Samples each stream delivers per epoch, streams numbered ``rank * streams + stream``."""
+    return [len(range(s, num_batches, streams)) * batch_size for s in range(streams)] * world
+
+
+def sample_ranges(total: int, quotas: list[int]) -> list[tuple[int, int]]:
+    """(start, length) of each stream's range of the epoch's concatenation of ``total`` samples.
+
+    The ranges are contiguous and disjoint; each is its stream's quota plus an even share of
+    the spare samples, which the stream reads only to stand in for unusable ones.  Quotas that
+    need more than ``total`` run on around the concatenation."""
+    spare = max(0, total - sum(quotas))
+    out, pos = [], 0
+    for t, quota in enumerate(quotas):
+        length = quota + spare // len(quotas) + (1 if t < spare % len(quotas) else 0)
+        out.append((pos, length))
+        pos += length
+    return out
+
+
+def range_parts(shards: list[str], counts: list[int], start: int, length: int) -> list[ShardPart]:
+    """The shard parts holding positions ``[start, start + length)`` of the cyclic concatenation
+    of ``shards`` (with ``counts`` samples each)."""
+    ends = list(itertools.accumulate(counts))
+    total = ends[-1]
+    parts, pos, left = [], start % total, length
+    while left > 0:
+        j = bisect.bisect_right(ends, pos)
+        lo = pos - (ends[j] - counts[j])
+        take = min(counts[j] - lo, left)
+        parts.append(ShardPart(shards[j], start=lo, stop=lo + take))
+        pos, left = (pos + take) % total, left - take
+    return parts
+
+
 def shard_names(urls: list[str]) -> dict[str, str]:
     """Short, unique, stable names for keys and stats: the basename, or more path if needed."""
     for depth in (1, 2, 3):
@@ -453,6 +529,357 @@ def shard_names(urls: list[str]) -> dict[str, str]:
         if len(set(names.values())) == len(set(urls)):
             return names
     return {u: safe_url(u) for u in urls}
+
+
+# ---------------------------------------------------------------- stream readers and their positions
+
+Item = tuple[str, str, bytes, str]  # (key, shard name, image bytes, caption)
+
+
+class _Tally:
+    """What ``iter_tar`` counts for a stream: to its counter, or nowhere while re-reading samples
+    that were counted before (a resume)."""
+
+    def __init__(self, owner: Any, quiet: bool):
+        self.owner, self.quiet = owner, quiet
+
+    def skip(self, kind: str, shard: str, n: int = 1) -> None:
+        if not self.quiet:
+            self.owner.counter.skip(kind, shard, n)
+
+
+def _rng_state(state: Any) -> tuple:
+    version, internal, gauss = state
+    return int(version), tuple(internal), gauss
+
+
+def _split_at(samples: Iterator[tuple[int, Item]], split: int,
+              early: Callable[[int, Item], None]) -> Iterator[tuple[int, Item]]:
+    """``samples`` from raw index ``split`` on; the earlier ones go to ``early``.  Reads up to the
+    first sample at or past ``split`` right away."""
+    for i, item in samples:
+        if i < split:
+            early(i, item)
+            continue
+        return itertools.chain([(i, item)], samples)
+    return iter(())
+
+
+class StreamReader:
+    """One worker stream's usable samples through its seeded shuffle buffer.
+
+    Between two samples, ``position()`` is the reader's whole state in plain ints and lists: the
+    buffer as references to the samples it holds (where each was read), the buffer RNG, and
+    what the subclass needs to read on.  A reader built from such a record re-reads only the
+    referenced samples and its reading position, then goes on exactly as the original would."""
+
+    ref_width = 2
+
+    def __init__(self, pipe: ShardPipeline, counter: SkipCounter, size: int):
+        self.pipe, self.main, self.size = pipe, counter, size
+        self.counting = True
+        self.pass_n = 0
+        self._uncounted = SkipCounter()
+        self.buf: list[tuple[tuple[int, ...], Item]] = []
+        self.draining = False
+        self.rng = random.Random(0)
+
+    @property
+    def counter(self) -> SkipCounter:
+        """Nowhere while replaying or wrapping around: those samples were counted when first read."""
+        return self.main if self.counting and self.pass_n == 0 else self._uncounted
+
+    def __iter__(self) -> StreamReader:
+        return self
+
+    def __next__(self) -> Item:
+        while True:
+            if not self.draining:
+                pulled = self._pull()
+                if pulled is not None:
+                    if self.size == 0:
+                        return self._emit(pulled)
+                    if len(self.buf) < self.size:
+                        self.buf.append(pulled)
+                        continue
+                    j = self.rng.randrange(len(self.buf))
+                    out, self.buf[j] = self.buf[j], pulled
+                    return self._emit(out)
+                self.rng.shuffle(self.buf)
+                self.draining = True
+            if self.buf:
+                return self._emit(self.buf.pop())
+            self._end_of_input()
+
+    def _emit(self, entry: tuple[tuple[int, ...], Item]) -> Item:
+        if self.pass_n and self.counting:  # a wrap-around's buffer holds only that pass's samples
+            self.main.repeated += 1
+        return entry[1]
+
+    def position(self) -> dict[str, Any]:
+        return {"rng": self.rng.getstate(), "drain": self.draining,
+                "buf": [x for ref, _ in self.buf for x in ref], **self._reading_state()}
+
+    def close(self) -> None:
+        pass
+
+    # -- for subclasses
+
+    def _pull(self) -> tuple[tuple[int, ...], Item] | None:
+        raise NotImplementedError
+
+    def _end_of_input(self) -> None:
+        raise StopIteration
+
+    def _reading_state(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _ref_part(self, ref: tuple[int, ...]) -> ShardPart:
+        raise NotImplementedError
+
+    def _wanted(self, flat: list[int]) -> tuple[list[tuple[int, ...]], dict[tuple[int, ...], list[int]]]:
+        w = self.ref_width
+        refs = [tuple(int(v) for v in flat[n: n + w]) for n in range(0, len(flat), w)]
+        slots: dict[tuple[int, ...], list[int]] = {}
+        for n, ref in enumerate(refs):
+            slots.setdefault(ref, []).append(n)
+        return refs, slots
+
+    def _read_refs(self, part: ShardPart, top: int, found: Callable[[int, Item], None]) -> None:
+        """Re-read ``part`` up to raw index ``top``, uncounted, handing its usable samples to ``found``."""
+        opened = self.pipe.open_part(part, self)
+        if opened is None:
+            return
+        samples = self.pipe.part_samples(part, opened, self, quiet_until=top + 1)
+        for i, item in samples:
+            found(i, item)
+            if i >= top:
+                break
+        samples.close()
+
+    def _install_buffer(self, refs: list[tuple[int, ...]], filled: list) -> None:
+        lost = [ref for ref, f in zip(refs, filled) if f is None]
+        for ref in lost:  # e.g. a shard that no longer reads: the stream goes on without them
+            self.main.skip("lost_on_resume", self.pipe.names[self._ref_part(ref).shard])
+        if lost:
+            log.warning("%d buffered samples could not be read again on resume", len(lost))
+        self.buf = [f for f in filled if f is not None]
+
+
+class PassReader(StreamReader):
+    """Without ``--dataset-resampled``: the stream's shard parts in order.  A stream that runs out
+    of usable samples before its quota starts another pass over its parts (a wrap-around: those
+    samples repeat, counted as ``repeated``).  Each pass shuffles on its own, so a wrap-around
+    never overtakes unread samples.  Buffer references are (part, raw sample index)."""
+
+    def __init__(self, pipe: ShardPipeline, epoch: int, stream: int, streams: int, counter: SkipCounter,
+                 record: dict | None = None):
+        super().__init__(pipe, counter, pipe.buffer if pipe.shuffle else 0)
+        self.epoch, self.stream = epoch, stream
+        self.parts = pipe.stream_parts(epoch, stream, streams)
+        self.live: Iterator[tuple[int, int, Item]] = iter(())
+        self.got = 0
+        self.next_ref = (0, 0)
+        if record is None:
+            self._start_pass(0)
+        else:
+            self._restore(record)
+
+    def _pass_rng(self, n: int) -> random.Random:
+        return random.Random(stable_seed(self.pipe.seed, self.epoch, self.pipe.rank, self.stream, n))
+
+    def _start_pass(self, n: int) -> None:
+        self.pass_n, self.got, self.next_ref = n, 0, (0, 0)
+        self.rng, self.buf, self.draining = self._pass_rng(n), [], False
+        self.live = self._read_from(0)
+
+    def _end_of_input(self) -> None:
+        if self.got == 0:
+            names = ", ".join(self.pipe.names[p.shard] for p in self.parts[:3])
+            raise DataError(f"rank {self.pipe.rank} stream {self.stream} has no usable sample in its shards "
+                            f"({names}...); check the data")
+        self._start_pass(self.pass_n + 1)
+
+    def _pull(self) -> tuple[tuple[int, ...], Item] | None:
+        got = next(self.live, None)
+        if got is None:
+            return None
+        p, i, item = got
+        self.next_ref = (p, i + 1)
+        self.got += 1
+        return (p, i), item
+
+    def _reading_state(self) -> dict[str, Any]:
+        return {"pass": self.pass_n, "got": self.got, "next": list(self.next_ref)}
+
+    def _ref_part(self, ref: tuple[int, ...]) -> ShardPart:
+        return self.parts[ref[0]]
+
+    def _open_part(self, p: int, first: int = 0) -> Any:
+        """Part ``p`` opened (it starts reading ahead), or None when it has nothing from ``first`` on."""
+        if p >= len(self.parts):
+            return None
+        part = self.parts[p]
+        if part.stop is not None and max(first, part.start) >= part.stop:
+            return None
+        return self.pipe.open_part(part, self)
+
+    def _read_from(self, p0: int, head: Iterable[tuple[int, Item]] | None = None) -> Iterator[tuple[int, int, Item]]:
+        """(part, raw index, item) from part ``p0`` on, each part opening while the one before is
+        read; ``head`` stands for part ``p0``'s samples when that part is already positioned."""
+        upcoming = self._open_part(p0) if head is None else None
+        try:
+            for p in range(p0, len(self.parts)):
+                if p == p0 and head is not None:
+                    samples, upcoming = head, self._open_part(p + 1)
+                else:
+                    stream, upcoming = upcoming, self._open_part(p + 1)
+                    samples = () if stream is None else self.pipe.part_samples(self.parts[p], stream, self)
+                for i, item in samples:
+                    yield p, i, item
+        finally:
+            if upcoming is not None:
+                upcoming.close()
+
+    def _restore(self, rec: dict) -> None:
+        self.pass_n, self.got = int(rec["pass"]), int(rec["got"])
+        self.rng = self._pass_rng(self.pass_n)
+        self.rng.setstate(_rng_state(rec["rng"]))
+        self.draining = bool(rec["drain"])
+        p_next, i_next = (int(v) for v in rec["next"])
+        self.next_ref = (p_next, i_next)
+        refs, slots = self._wanted(rec["buf"])
+        filled: list = [None] * len(refs)
+
+        def found_in(p: int) -> Callable[[int, Item], None]:
+            def found(i: int, item: Item) -> None:
+                for n in slots.get((p, i), ()):
+                    filled[n] = ((p, i), item)
+            return found
+
+        top: dict[int, int] = {}
+        for p, i in refs:
+            top[p] = max(top.get(p, -1), i)
+        live = not self.draining and p_next < len(self.parts)
+        for p in sorted(top):  # parts the buffer does not reference are not opened at all
+            if not (live and p == p_next):
+                self._read_refs(self.parts[p], top[p], found_in(p))
+        self.live = iter(())
+        if live:  # the part being read: its referenced samples, then on from the next one
+            first = 0 if p_next in top else i_next
+            stream = self._open_part(p_next, first)
+            head: Iterable[tuple[int, Item]] = ()
+            if stream is not None:
+                samples = self.pipe.part_samples(self.parts[p_next], stream, self, first=first, quiet_until=i_next)
+                head = _split_at(samples, i_next, found_in(p_next))
+            self.live = self._read_from(p_next, head)
+        self._install_buffer(refs, filled)
+
+
+class ResampledReader(StreamReader):
+    """``--dataset-resampled``: each sample's source is drawn by weight (the ``mix`` RNG); each
+    source reads shards drawn with replacement (its ``draw`` RNG), the next draw already open
+    so that it reads ahead.  Never ends.  Buffer references are (source, shard, raw index)."""
+
+    ref_width = 3
+
+    def __init__(self, pipe: ShardPipeline, epoch: int, stream: int, counter: SkipCounter,
+                 record: dict | None = None):
+        super().__init__(pipe, counter, pipe.buffer)
+        key = (pipe.seed, epoch, pipe.rank, stream)
+        n = len(pipe.sources)
+        self.rng = random.Random(stable_seed(*key, "buffer"))
+        self.mix = random.Random(stable_seed(*key, "mix"))
+        self.draw = [random.Random(stable_seed(*key, "draw", s)) for s in range(n)]
+        self.cumulative = list(itertools.accumulate(pipe.weights))
+        self.current: list[list | None] = [None] * n  # per source: [shard, next raw index, samples]
+        self.upcoming: list[tuple[int, Any] | None] = [None] * n  # per source: (shard, opened stream)
+        self.empty = [0] * n
+        if record is not None:
+            self._restore(record)
+
+    def _part(self, s: int, k: int) -> ShardPart:
+        return ShardPart(self.pipe.sources[s].shards[k])
+
+    def _ref_part(self, ref: tuple[int, ...]) -> ShardPart:
+        return self._part(ref[0], ref[1])
+
+    def _pull(self) -> tuple[tuple[int, ...], Item]:
+        s = min(bisect.bisect_right(self.cumulative, self.mix.random()), len(self.current) - 1)
+        while True:
+            cur = self.current[s]
+            if cur is None:
+                cur = self.current[s] = self._next_shard(s)
+            got = next(cur[2], None)
+            if got is not None:
+                cur[1] = got[0] + 1
+                self.empty[s] = 0
+                return (s, cur[0], got[0]), got[1]
+            self.current[s] = None
+            self.empty[s] += 1
+            if self.empty[s] > 100:
+                raise DataError(f"100 shards drawn in a row from {safe_url(self.pipe.sources[s].url)} had "
+                                f"no usable sample; check the data")
+
+    def _draw(self, s: int) -> tuple[int, Any]:
+        k = self.draw[s].randrange(len(self.pipe.sources[s].shards))
+        return k, self.pipe.open_part(self._part(s, k), self)
+
+    def _next_shard(self, s: int) -> list:
+        # the following draw is opened now so that it reads ahead; the draw order is unchanged
+        k, opened = self.upcoming[s] or self._draw(s)
+        self.upcoming[s] = self._draw(s)
+        return [k, 0, iter(()) if opened is None else self.pipe.part_samples(self._part(s, k), opened, self)]
+
+    def _reading_state(self) -> dict[str, Any]:
+        return {"mix": self.mix.getstate(), "draw": [d.getstate() for d in self.draw],
+                "cur": [None if c is None else [c[0], c[1]] for c in self.current],
+                "up": [None if u is None else u[0] for u in self.upcoming], "empty": list(self.empty)}
+
+    def close(self) -> None:
+        for item in self.upcoming:
+            if item is not None and item[1] is not None:
+                item[1].close()
+
+    def _restore(self, rec: dict) -> None:
+        self.rng.setstate(_rng_state(rec["rng"]))
+        self.mix.setstate(_rng_state(rec["mix"]))
+        for d, state in zip(self.draw, rec["draw"]):
+            d.setstate(_rng_state(state))
+        self.empty = [int(v) for v in rec["empty"]]
+        refs, slots = self._wanted(rec["buf"])
+        filled: list = [None] * len(refs)
+
+        def found_in(s: int, k: int) -> Callable[[int, Item], None]:
+            def found(i: int, item: Item) -> None:
+                for n in slots.get((s, k, i), ()):
+                    filled[n] = ((s, k, i), item)
+            return found
+
+        top: dict[tuple[int, int], int] = {}
+        for s, k, i in refs:
+            top[(s, k)] = max(top.get((s, k), -1), i)
+        current = [None if c is None else (int(c[0]), int(c[1])) for c in rec["cur"]]
+        # a current shard whose references all lie before its position is read once, for both
+        joint = {(s, c[0]) for s, c in enumerate(current) if c is not None and top.get((s, c[0]), 1 << 62) < c[1]}
+        for (s, k), last in sorted(top.items()):
+            if (s, k) not in joint:
+                self._read_refs(self._part(s, k), last, found_in(s, k))
+        for s, c in enumerate(current):
+            if c is None:
+                continue
+            k, i_next = c
+            opened = self.pipe.open_part(self._part(s, k), self)
+            samples: Iterator = iter(())
+            if opened is not None:
+                first = 0 if (s, k) in joint else i_next
+                samples = _split_at(self.pipe.part_samples(self._part(s, k), opened, self, first=first,
+                                                           quiet_until=i_next), i_next, found_in(s, k))
+            self.current[s] = [k, i_next, samples]
+        for s, k in enumerate(rec["up"]):
+            if k is not None:
+                self.upcoming[s] = (int(k), self.pipe.open_part(self._part(s, int(k)), self))
+        self._install_buffer(refs, filled)
 
 
 # ---------------------------------------------------------------- the per-stream pipeline
@@ -477,7 +904,8 @@ class CountingPipeline:
 
 
 class ShardPipeline(CountingPipeline):
-    """Everything a worker needs to produce its batches; small and picklable."""
+    """Everything a worker needs to produce its batches; small and picklable.  ``resume`` holds
+    the saved reader positions (stream -> record) that a resumed run starts from."""
 
     def __init__(self, sources: list[ShardSet], weights: list[float], *, rank: int, world: int, batch_size: int,
                  num_batches: int, seed: int, shuffle: bool, resampled: bool, buffer: int, preprocess: Callable,
@@ -488,7 +916,11 @@ class ShardPipeline(CountingPipeline):
         self.seed, self.shuffle, self.resampled, self.buffer = seed, shuffle, resampled, buffer
         self.preprocess, self.tokenizer, self.max_pixels = preprocess, tokenizer, max_pixels
         self.retries, self.endpoint, self.block_size = retries, endpoint, block_size
-        self.names = shard_names([s for src in sources for s in src.shards])
+        self.shards = [s for src in sources for s in src.shards]
+        known = all(src.counts is not None for src in sources)
+        self.counts = [c for src in sources for c in src.counts] if known else None
+        self.names = shard_names(self.shards)
+        self.resume: dict[int, dict] = {}
 
     # -- raw samples
 
@@ -496,140 +928,118 @@ class ShardPipeline(CountingPipeline):
         self.counter.retries += 1
         log.warning("retrying %s at byte %d after %s", safe_url(url), offset, type(exc).__name__)
 
-    def _open(self, part: ShardPart) -> Any:
-        """The shard's byte stream (remote ones start reading ahead now), or None if it cannot open."""
+    def open_part(self, part: ShardPart, owner: Any) -> Any:
+        """The shard's byte stream (remote ones start reading ahead now), or None if it cannot
+        open (counted in ``owner.counter``)."""
         try:
             return open_shard(part.shard, self.retries, self.endpoint, self.block_size, self._on_retry)
         except StorageAuthError as e:
             raise DataError(str(e)) from None
         except OSError as e:
-            self.counter.skip("shard_failed", self.names[part.shard])
+            owner.counter.skip("shard_failed", self.names[part.shard])
             log.warning("cannot open shard %s: %s", self.names[part.shard], e)
             return None
 
-    def _shard_samples(self, part: ShardPart, stream: Any = None) -> Iterator[tuple[str, str, bytes, str]]:
-        """Usable (key, shard, image bytes, caption) of one shard part; the rest is counted."""
+    def part_samples(self, part: ShardPart, stream: Any, owner: Any, first: int = 0,
+                     quiet_until: int = 0) -> Iterator[tuple[int, Item]]:
+        """(raw index, item) of the usable samples of ``part`` from raw index ``first`` on.  Unusable
+        ones are counted in ``owner.counter``, except below ``quiet_until``: a resumed reader
+        re-reads those, and the run before counted them."""
         name = self.names[part.shard]
-        counter = self.counter
-        stream = stream or self._open(part)
-        if stream is None:
-            return
+        tally = _Tally(owner, quiet=quiet_until > 0)
+        uncounted = SkipCounter()
+        first = max(first, part.start)
         with stream:
-            for i, sample in enumerate(iter_tar(stream, name, counter)):
-                if i % part.count != part.index:
-                    continue
-                counter.samples += 1
-                ext = next((e for e in IMAGE_EXTS if e in sample), None)
-                if ext is None:
-                    counter.skip("missing_image", name)
-                    continue
-                caption, why = caption_of(sample)
-                if why is None:
-                    why = check_image_header(sample[ext], self.max_pixels)
-                if why is not None:
-                    counter.skip(why, name)
-                    continue
-                yield f"{name}/{sample['__key__']}", name, sample[ext], caption
+            for i, sample in enumerate(iter_tar(stream, name, tally)):
+                tally.quiet = i + 1 < quiet_until  # a bad archive found now is sample i + 1's
+                if i >= first and i % part.count == part.index:
+                    item = self._usable(sample, name, owner.counter if i >= quiet_until else uncounted)
+                    if item is not None:
+                        yield i, item
+                if part.stop is not None and i + 1 >= part.stop:
+                    return
 
-    def _prefetched(self, parts: list[ShardPart]) -> Iterator[tuple[str, str, bytes, str]]:
-        """Samples of ``parts`` in order, with the next shard opened (reading ahead) while the
-        current one is consumed, so remote latency hides behind decoding."""
-        upcoming = self._open(parts[0]) if parts else None
-        try:
-            for i, part in enumerate(parts):
-                stream, upcoming = upcoming, None
-                if i + 1 < len(parts):
-                    upcoming = self._open(parts[i + 1])
-                if stream is not None:
-                    yield from self._shard_samples(part, stream)
-        finally:
-            if upcoming is not None:
-                upcoming.close()
+    def _usable(self, sample: dict[str, Any], name: str, counter: SkipCounter) -> Item | None:
+        counter.samples += 1
+        ext = next((e for e in IMAGE_EXTS if e in sample), None)
+        if ext is None:
+            counter.skip("missing_image", name)
+            return None
+        caption, why = caption_of(sample)
+        if why is None:
+            why = check_image_header(sample[ext], self.max_pixels)
+        if why is not None:
+            counter.skip(why, name)
+            return None
+        return f"{name}/{sample['__key__']}", name, sample[ext], caption
 
-    def _passes(self, epoch: int, stream: int, streams: int) -> Iterator[Iterator[tuple[str, str, bytes, str]]]:
-        """Passes over this stream's share of the shards; more than one when it wraps around."""
-        shards = [s for src in self.sources for s in src.shards]
+    def stream_parts(self, epoch: int, stream: int, streams: int) -> list[ShardPart]:
+        """This stream's shard parts for ``epoch`` (see the module docstring's balance policy)."""
+        order = list(range(len(self.shards)))
         if self.shuffle:
-            random.Random(stable_seed(self.seed, epoch, "shards")).shuffle(shards)
+            random.Random(stable_seed(self.seed, epoch, "shards")).shuffle(order)
+        shards = [self.shards[i] for i in order]
+        if self.counts is not None and sum(self.counts) > 0:
+            counts = [self.counts[i] for i in order]
+            quotas = stream_quotas(self.num_batches, self.batch_size, self.world, streams)
+            start, length = sample_ranges(sum(counts), quotas)[self.rank * streams + stream]
+            return range_parts(shards, counts, start, length)
         parts = split_parts([ShardPart(s) for s in shards], self.world, self.rank)
-        parts = split_parts(parts, streams, stream)
-
-        def one_pass(got: list[int]) -> Iterator[tuple[str, str, bytes, str]]:
-            for sample in self._prefetched(parts):
-                got[0] += 1
-                yield sample
-
-        for _ in itertools.count():
-            got = [0]
-            yield one_pass(got)
-            if got[0] == 0:
-                raise DataError(f"rank {self.rank} stream {stream} has no usable sample in its shards "
-                                f"({', '.join(self.names[p.shard] for p in parts[:3])}...); check the data")
-
-    def _resampled(self, epoch: int, stream: int) -> Iterator[tuple[str, str, bytes, str]]:
-        mix = random.Random(stable_seed(self.seed, epoch, self.rank, stream, "mix"))
-        draw = [random.Random(stable_seed(self.seed, epoch, self.rank, stream, "draw", i))
-                for i in range(len(self.sources))]
-        current: list[Iterator | None] = [None] * len(self.sources)
-        upcoming: list[tuple[ShardPart, Any] | None] = [None] * len(self.sources)
-        empty = [0] * len(self.sources)
-        cumulative = list(itertools.accumulate(self.weights))
-
-        def next_shard(s: int) -> Iterator:
-            # the following draw is opened now so that it reads ahead; the draw order is unchanged
-            part, opened = upcoming[s] or self._drawn(draw[s], s)
-            upcoming[s] = self._drawn(draw[s], s)
-            return self._shard_samples(part, opened) if opened is not None else iter(())
-
-        try:
-            while True:
-                s = min(bisect.bisect_right(cumulative, mix.random()), len(self.sources) - 1)
-                while True:
-                    if current[s] is None:
-                        current[s] = next_shard(s)
-                    sample = next(current[s], None)
-                    if sample is not None:
-                        empty[s] = 0
-                        yield sample
-                        break
-                    current[s] = None
-                    empty[s] += 1
-                    if empty[s] > 100:
-                        raise DataError(f"100 shards drawn in a row from {safe_url(self.sources[s].url)} had "
-                                        f"no usable sample; check the data")
-        finally:
-            for item in upcoming:
-                if item is not None and item[1] is not None:
-                    item[1].close()
-
-    def _drawn(self, rng: random.Random, s: int) -> tuple[ShardPart, Any]:
-        part = ShardPart(rng.choice(self.sources[s].shards))
-        return part, self._open(part)
+        return split_parts(parts, streams, stream)
 
     # -- batches
 
+    def _plan(self) -> list[int]:
+        """What a saved position is only valid for."""
+        return [self.world, self.rank, self.num_batches, self.batch_size, self.buffer, int(self.resampled),
+                int(self.shuffle)]
+
+    def _saved_position(self, epoch: int, stream: int, streams: int, skip: int) -> dict | None:
+        record = self.resume.get(stream)
+        if not skip or record is None:
+            return None
+        last = stream + (skip - 1) * streams  # the stream's batch just before the start batch
+        if (record.get("epoch"), record.get("streams"), record.get("batch"), list(record.get("plan", ()))) \
+                == (epoch, streams, last, self._plan()):
+            return record
+        log.warning("rank %d stream %d: the saved reader position is for another point or setup; replaying "
+                    "epoch %d from its start", self.rank, stream, epoch)
+        return None
+
     def stream_batches(self, epoch: int, start_batch: int, stream: int, streams: int) -> Iterator[dict]:
-        """Batches ``n = stream, stream + streams, ...`` (``n >= start_batch``) of this rank's epoch."""
+        """Batches ``n = stream, stream + streams, ...`` (``n >= start_batch``) of this rank's epoch.
+
+        Each carries ``position``, the stream's reader state right after it was formed; started
+        from the position of the batch before ``start_batch``, the stream re-reads only what
+        that position references.  Without one it replays the epoch's raw samples up to there."""
         quota = len(range(stream, self.num_batches, streams))
         skip = len(range(stream, min(start_batch, self.num_batches), streams))
-        if self.resampled:
-            samples: Iterator = shuffled(self._resampled(epoch, stream), self.buffer,
-                                         random.Random(stable_seed(self.seed, epoch, self.rank, stream, "buffer")))
-        else:  # shuffle each pass on its own so a wrap-around never overtakes unread samples
-            samples = itertools.chain.from_iterable(
-                shuffled(one, self.buffer, random.Random(stable_seed(self.seed, epoch, self.rank, stream, n)))
-                if self.shuffle else one
-                for n, one in enumerate(self._passes(epoch, stream, streams)))
-        for _ in itertools.islice(samples, skip * self.batch_size):
-            pass
-        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-        for j in range(skip, quota):
-            chunk = list(itertools.islice(samples, self.batch_size))
-            n = stream + j * streams
-            batch = collate(chunk, self.preprocess, self.tokenizer, self.max_pixels,
-                            stable_seed(self.seed, epoch, self.rank, n, "augment"), self.counter)
-            batch["stats"] = self.counter.snapshot()
-            yield batch
+        record = self._saved_position(epoch, stream, streams, skip)
+        counter = self.counter
+        reader: StreamReader = (ResampledReader(self, epoch, stream, counter, record) if self.resampled
+                                else PassReader(self, epoch, stream, streams, counter, record))
+        try:
+            if record is not None:
+                counter.restored_streams += 1
+            elif skip:
+                counter.replayed_batches += skip
+                reader.counting = False
+                for _ in itertools.islice(reader, skip * self.batch_size):
+                    pass
+                reader.counting = True
+            warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+            for j in range(skip, quota):
+                chunk = list(itertools.islice(reader, self.batch_size))
+                n = stream + j * streams
+                position = {"epoch": epoch, "stream": stream, "streams": streams, "batch": n, "plan": self._plan(),
+                            **reader.position()}
+                batch = collate(chunk, self.preprocess, self.tokenizer, self.max_pixels,
+                                stable_seed(self.seed, epoch, self.rank, n, "augment"), counter)
+                batch["position"] = position
+                batch["stats"] = counter.snapshot()
+                yield batch
+        finally:
+            reader.close()
 
 
 class BatchStream(torch.utils.data.IterableDataset):
@@ -660,6 +1070,7 @@ class BatchLoader:
         self.state = torch.zeros(2, dtype=torch.long).share_memory_()
         self.dataset = dataset_factory(self.state)
         self.book = StatsBook()
+        self.positions: dict[int, dict] = {}  # stream -> position after its latest batch handed out
         self._loader = None
         self._ctx = multiprocessing_context
 
@@ -686,49 +1097,100 @@ class BatchLoader:
         for batch in batches:
             snap = batch["stats"]
             self.book.record(snap.get("worker", 0), snap)
+            # taken as the trainer receives the batch, not as a worker prefetches it
+            position = batch.pop("position", None)
+            if position is not None:
+                self.positions[position["stream"]] = position
             batch["stats"] = self.book.check(self.max_skip_fraction)
             yield batch
+
+    def local_state(self) -> dict[str, Any]:
+        """This rank's part of a checkpoint: the latest position of each stream and the counts."""
+        return {"streams": [self.positions[s] for s in sorted(self.positions)], "stats": self.book.merged()}
+
+    def restore(self, streams: list[dict], stats: list[dict]) -> None:
+        """Continue from a checkpoint: ``streams`` are saved stream positions, ``stats`` earlier counts."""
+        for snap in stats:
+            self.book.add_base(snap)
+        self.positions = {int(r["stream"]): r for r in streams}
+        pipeline = getattr(self.dataset, "pipeline", None)
+        if pipeline is not None:
+            pipeline.resume = dict(self.positions)
+        if self._loader is not None:  # workers copy the pipeline when they start: start new ones
+            self.book.fold()
+            self._loader = None
 
 
 # ---------------------------------------------------------------- the Source
 
 
+@dataclass
+class WdsPlan:
+    """A webdataset split resolved, before any model or reader exists: its shards, sample count
+    and mixing weights."""
+
+    sources: list[ShardSet]
+    weights: list[float]
+    resampled: bool
+    endpoint: str | None
+    num_samples: int
+    flag: str
+
+    @property
+    def num_shards(self) -> int:
+        return sum(len(s.shards) for s in self.sources)
+
+    def num_batches(self, batch_size: int, world: int) -> int:
+        n = self.num_samples // (batch_size * world)
+        if n == 0:
+            raise ConfigError(f"{self.num_samples} samples in {self.flag} cannot fill one global batch of "
+                              f"{batch_size * world}; lower --batch-size or add data")
+        return n
+
+
+def plan_webdataset(cfg: Config, split: str) -> WdsPlan:
+    """Resolve ``--train-data``/``--val-data``: list the shards and read their sample counts.  Every
+    problem found here is a one-line ConfigError (see ``urls``)."""
+    d = cfg.data
+    train = split == "train"
+    spec = d.train_data if train else d.val_data
+    flag = "--train-data" if train else "--val-data"
+    if not spec:
+        raise ConfigError(f"{flag} is empty; give shard URLs such as s3://bucket/shard-{{000000..000009}}.tar")
+    endpoint = s3_endpoint(d.s3_endpoint_url)
+    sources = resolve_sources(spec, allow_pipe=d.allow_pipe_urls, endpoint=endpoint)
+    resampled = bool(d.dataset_resampled) and train
+    weights = mixing_weights(d.train_data_upsampling_factors if train else None, sources, resampled)
+    num_samples = d.train_num_samples if train else d.val_num_samples
+    if num_samples is None:
+        unknown = [s.url for s in sources if s.num_samples is None]
+        if unknown:
+            which = "--train-num-samples" if train else "--val-num-samples"
+            raise ConfigError(f"cannot tell how many samples {safe_url(unknown[0])} holds (no sizes.json or "
+                              f"__len__ next to its shards); pass {which} N")
+        num_samples = sum(s.num_samples for s in sources)
+    return WdsPlan(sources, weights, resampled, endpoint, int(num_samples), flag)
+
+
 class WebDatasetSource:
-    """``--dataset-type webdataset``: see the module docstring for the pipeline and its policies."""
+    """``--dataset-type webdataset``: see the module docstring for the pipeline and its policies.
+    ``plan`` (from ``plan_webdataset``) saves resolving the URLs a second time."""
 
     def __init__(self, cfg: Config, split: str, preprocess: Callable, tokenizer: Callable, rank: int, world: int,
-                 batch_size: int, *, block_size: int = DEFAULT_BLOCK_SIZE, multiprocessing_context: Any = None):
+                 batch_size: int, *, block_size: int = DEFAULT_BLOCK_SIZE, multiprocessing_context: Any = None,
+                 plan: WdsPlan | None = None):
         d = cfg.data
         train = split == "train"
-        spec = d.train_data if train else d.val_data
-        flag = "--train-data" if train else "--val-data"
-        if not spec:
-            raise ConfigError(f"{flag} is empty; give shard URLs such as s3://bucket/shard-{{000000..000009}}.tar")
-        endpoint = s3_endpoint(d.s3_endpoint_url)
-        sources = resolve_sources(spec, allow_pipe=d.allow_pipe_urls, endpoint=endpoint)
-        resampled = bool(d.dataset_resampled) and train
-        weights = mixing_weights(d.train_data_upsampling_factors if train else None, sources, resampled)
-        num_samples = d.train_num_samples if train else d.val_num_samples
-        if num_samples is None:
-            counts = [s.num_samples for s in sources]
-            unknown = [s.url for s, c in zip(sources, counts) if c is None]
-            if unknown:
-                which = "--train-num-samples" if train else "--val-num-samples"
-                raise ConfigError(f"cannot tell how many samples {safe_url(unknown[0])} holds (no sizes.json or "
-                                  f"__len__ next to its shards); pass {which} N")
-            num_samples = sum(counts)
-        self.num_samples = int(num_samples)
+        plan = plan or plan_webdataset(cfg, split)
+        self.num_samples = plan.num_samples
         self.batch_size, self.rank, self.world = batch_size, rank, world
-        self.num_batches = self.num_samples // (batch_size * world)
-        if self.num_batches == 0:
-            raise ConfigError(f"{self.num_samples} samples in {flag} cannot fill one global batch of "
-                              f"{batch_size * world}; lower --batch-size or add data")
-        self.sources = sources
+        self.num_batches = plan.num_batches(batch_size, world)
+        self.sources = plan.sources
         self.pipeline = ShardPipeline(
-            sources, weights, rank=rank, world=world, batch_size=batch_size, num_batches=self.num_batches,
-            seed=cfg.run.seed + (0 if train else 7919), shuffle=train, resampled=resampled,
+            plan.sources, plan.weights, rank=rank, world=world, batch_size=batch_size, num_batches=self.num_batches,
+            seed=cfg.run.seed + (0 if train else 7919), shuffle=train, resampled=plan.resampled,
             buffer=max(1, d.shuffle_buffer), preprocess=preprocess, tokenizer=tokenizer,
-            max_pixels=d.max_image_pixels, retries=d.shard_retries, endpoint=endpoint, block_size=block_size)
+            max_pixels=d.max_image_pixels, retries=d.shard_retries, endpoint=plan.endpoint, block_size=block_size)
         self._loader = BatchLoader(lambda state: BatchStream(self.pipeline, state), max(0, d.workers),
                                    persistent=train, max_skip_fraction=d.max_skip_fraction,
                                    multiprocessing_context=multiprocessing_context)
@@ -744,3 +1206,9 @@ class WebDatasetSource:
 
     def stats(self) -> dict[str, Any]:
         return self._loader.book.summary()
+
+    def local_position(self) -> dict[str, Any]:
+        return self._loader.local_state()
+
+    def restore_local_position(self, streams: list[dict], stats: list[dict]) -> None:
+        self._loader.restore(streams, stats)

@@ -15,8 +15,10 @@ and the S3 client in front of it meets, as configured:
   does when temporary credentials run out.
 
 Faults apply only to requests that ``faultable(method, path)`` accepts: by default object reads
-(GET or HEAD of a ``.tar``), so that listing the bucket at start-up stays clean.  Random choices come
-from one seeded generator; ``counts`` records what was forwarded and what was injected.
+(GET or HEAD of a ``.tar``), so that listing the bucket at start-up stays clean; ``uploads`` picks
+object writes instead.  Random choices come from one seeded generator; ``counts`` records what was
+forwarded and what was injected, and ``forwarded`` every request the server answered, in order:
+``(time, method, path, status, body)`` with the body of small writes (up to 64 bytes).
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ def object_reads(method: str, path: str) -> bool:
     return method in ("GET", "HEAD") and urlsplit(path).path.endswith(".tar")
 
 
+def uploads(method: str, path: str) -> bool:
+    return method == "PUT"
+
+
 class FaultProxy:
     def __init__(self, upstream: str, *, error_rate: float = 0.0, drop_rate: float = 0.0, delay: float = 0.0,
                  outage_after: int | None = None, outage_seconds: float = 0.0, expired_after: int | None = None,
@@ -57,6 +63,7 @@ class FaultProxy:
         self.outage_after, self.outage_seconds = outage_after, outage_seconds
         self.expired_after, self.faultable = expired_after, faultable
         self.counts: Counter = Counter()
+        self.forwarded: list[tuple[float, str, str, int, bytes]] = []
         self.port = 0
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -174,6 +181,8 @@ class FaultProxy:
                 status, reason, headers, data = self._forward(body)
                 with proxy._lock:
                     proxy.counts["forwarded"] += 1
+                    small = body if body is not None and len(body) <= 64 else b""
+                    proxy.forwarded.append((time.time(), self.command, urlsplit(self.path).path, status, small))
                 self.send_response(status, reason)
                 for k, v in headers:  # a HEAD answer keeps the object's Content-Length
                     if k.lower() not in _HOP_BY_HOP and (k.lower() != "content-length" or self.command == "HEAD"):

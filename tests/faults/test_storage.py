@@ -3,9 +3,14 @@ in front of moto's S3 server and ``AWS_ENDPOINT_URL`` points at the proxy.
 
 The reader must either ride through (every retry counted, every sample delivered exactly once)
 or stop with one clear line; a training run must lose no sample and no checkpoint.  The
-outage here lasts 3 s, a stand-in for a server that stops for 30 s: the reader's backoff
-(0.25 s doubling, capped at 8 s) waits 7.75 s over the default 5 retries and 31.75 s over 8, so
-riding through a 30 s outage needs ``--shard-retries 8``.
+outage here lasts 3 s, a stand-in for a server that stops for 30 s: the reader's default
+backoff (0.25 s doubling, capped at 8 s, 10 retries) waits 47.75 s in all, so a 30 s outage is
+ridden out at default settings (``test_default_backoff_outlasts_a_30s_outage`` checks the sum).
+
+Checkpoint uploads (``--remote-sync``) meet the same faults: they must ride through 5xx answers
+and an outage on rank 0's background thread while training goes on, reach S3 complete for every
+saved checkpoint with ``latest`` after its tag, and stop with one line, every checkpoint kept
+locally, when the credentials are refused.
 """
 
 from __future__ import annotations
@@ -16,8 +21,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.faults.proxy import FaultProxy
-from tests.launch import cpu_env, launch_train, tiny_args
+from tests.faults.proxy import FaultProxy, uploads
+from tests.launch import cpu_env, launch_many, launch_train, tiny_args
 
 pytestmark = [pytest.mark.faults]
 
@@ -93,7 +98,7 @@ def test_reader_rides_through_a_storage_outage(s3_server, shards, monkeypatch, f
     url, expected = shards
     with FaultProxy(s3_server.endpoint, outage_after=4, outage_seconds=3.0) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
-        src = _source(url, batch_size=6)  # the default --shard-retries 5
+        src = _source(url, batch_size=6)  # the default --shard-retries
         t0 = time.monotonic()
         keys = _read_epoch(src)
         elapsed = time.monotonic() - t0
@@ -103,9 +108,21 @@ def test_reader_rides_through_a_storage_outage(s3_server, shards, monkeypatch, f
     assert len(keys) == len(expected) and _names(keys) == expected
     assert stats["skipped"] == 0 and stats["retries"] >= 2, stats  # refused until the server came back
     fault_row.update(fault="S3 endpoint down for a while", injected="connections refused for 3 s mid-shard "
-                     "(stand-in for 30 s, which needs --shard-retries 8)",
+                     "(stand-in for 30 s: the default backoff waits 47.75 s)",
                      outcome=f"{stats['retries']} retries with backoff; all {len(keys)} samples once",
                      steps_lost=0, samples_lost=0, checkpoints_lost=0)
+
+
+def test_default_backoff_outlasts_a_30s_outage():
+    from dsclip.config import DataConfig
+    from dsclip.data.s3 import DEFAULT_RETRIES, RetryingReader, backoff_delays
+
+    retries = DataConfig().shard_retries
+    assert retries == DEFAULT_RETRIES
+    assert RetryingReader(lambda offset: None, "x").retries == retries
+    total = sum(backoff_delays(retries))
+    assert total == 47.75 and total > 30  # 0.25 + 0.5 + 1 + 2 + 4 + 5 x 8
+    assert sum(backoff_delays(5)) == 7.75  # the old default gave up before a 30 s outage ended
 
 
 def test_reader_stops_with_one_line_when_credentials_expire(s3_server, shards, monkeypatch, fault_row):
@@ -124,7 +141,7 @@ def test_reader_stops_with_one_line_when_credentials_expire(s3_server, shards, m
     assert "\n" not in message
     assert stats["retries"] == 0 and stats["by_kind"] == {}, stats  # refused credentials: no retry, no skip
     assert "credentials" in message and "--resume latest" in message, message
-    assert elapsed < 5, elapsed  # no backoff: 5 retries would sleep 7.75 s
+    assert elapsed < 5, elapsed  # no backoff: 5 retries would sleep 7.75 s, the default 10 47.75 s
     fault_row.update(fault="S3 credentials expire mid-epoch (reader)",
                      injected="400 ExpiredToken from the 3rd object request on",
                      outcome=f"DataError at once, 0 retries, 0 shards skipped: {message[:90]}",
@@ -195,3 +212,120 @@ def test_training_stops_cleanly_when_credentials_expire(s3_server, s3_bucket, tm
                      outcome=f"exit {proc.returncode}, one line: {errors[0][len('dsclip: error: '):][:70]}; "
                              f"latest {tags[-1]} complete", steps_lost=f"after {tags[-1]}", samples_lost=0,
                      checkpoints_lost=0)
+
+
+# ---------------------------------------------------------------- checkpoint uploads (--remote-sync)
+
+UPLOAD_STEPS = (2, 4, 6, 8)  # 64 samples / (2 ranks x 4) = 8 steps, a checkpoint every 2
+
+
+@pytest.fixture(scope="module")
+def remote_sync_runs(s3_server, tmp_path_factory):
+    """Two 2-rank runs in one job, each uploading through its own proxy: one meets 5xx answers, an
+    outage and slow writes, the other refused credentials from the 10th write on."""
+    root = tmp_path_factory.mktemp("sync")
+    bucket = s3_server.new_bucket("sync")
+
+    def args(name):  # keep one checkpoint: pruning would delete a tag still uploading
+        return tiny_args(str(root), name, "--save-every-n-steps", "2", "--keep-last-n", "1", "--log-every-n-steps",
+                         "1", "--remote-sync", f"s3://{bucket}/{name}", *NO_EVAL)
+
+    flaky = FaultProxy(s3_server.endpoint, faultable=uploads, error_rate=0.15, delay=0.1, outage_after=12,
+                       outage_seconds=2.0, seed=7)
+    expired = FaultProxy(s3_server.endpoint, faultable=uploads, expired_after=9)
+    with flaky, expired:
+        results, _ = launch_many({"flaky": (args("flaky"), {"AWS_ENDPOINT_URL": flaky.endpoint}),
+                                  "expired": (args("expired"), {"AWS_ENDPOINT_URL": expired.endpoint})}, timeout=400)
+    return {"root": root, "bucket": bucket, "results": results, "proxies": {"flaky": flaky, "expired": expired},
+            "client": s3_server.client()}
+
+
+def _remote_tags(client, bucket: str, prefix: str) -> dict[str, bool]:
+    """Every tag under ``prefix/checkpoints/`` in S3 -> whether it holds every file its manifest lists,
+    at the listed size."""
+    import json
+
+    objects = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/checkpoints/"):
+        objects.update({o["Key"]: o["Size"] for o in page.get("Contents", [])})
+    tags = {}
+    for key in objects:
+        parts = key.split("/")
+        if len(parts) == 4 and parts[3] == "dsclip_manifest.json":
+            files = json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())["files"]
+            tags[parts[2]] = all(objects.get(f"{prefix}/checkpoints/{parts[2]}/{rel}") == size
+                                 for rel, size in files.items())
+    return tags
+
+
+def _latest_after_its_tag(proxy: FaultProxy, client, bucket: str, prefix: str) -> list[str]:
+    """The tags ``latest`` named, in upload order; asserts each went up after all of its tag's files."""
+    import json
+
+    done: dict[str, float] = {}
+    named = []
+    for t, method, path, status, body in proxy.forwarded:
+        if method != "PUT" or status != 200:
+            continue
+        key = path.lstrip("/").split("/", 1)[1]
+        done[key] = t
+        if key == f"{prefix}/checkpoints/latest":
+            tag = body.decode()
+            files = json.loads(client.get_object(Bucket=bucket, Key=f"{prefix}/checkpoints/{tag}/"
+                                                 "dsclip_manifest.json")["Body"].read())["files"]
+            for rel in [*files, "dsclip_manifest.json"]:
+                assert done.get(f"{prefix}/checkpoints/{tag}/{rel}", t + 1) < t, (tag, rel)
+            named.append(tag)
+    return named
+
+
+@pytest.mark.dist
+def test_checkpoint_uploads_ride_through_5xx_and_an_outage(remote_sync_runs, fault_row):
+    run, proxy = remote_sync_runs["results"]["flaky"], remote_sync_runs["proxies"]["flaky"]
+    client, bucket = remote_sync_runs["client"], remote_sync_runs["bucket"]
+    assert run.returncode == 0, run.stdout[-3000:]
+    injected = proxy.counts["injected_error"] + proxy.counts["injected_outage"]
+    assert proxy.counts["injected_error"] > 0 and proxy.counts["outages"] == 1, proxy.counts
+    # botocore repeats a failed request once by itself; dsclip retries, and logs, the rest
+    retries = run.stdout.count("[dsclip] remote sync: retrying")
+    assert 0 < retries <= injected, (retries, proxy.counts)
+    saved = [f"step_{s:08d}" for s in UPLOAD_STEPS]
+    assert _remote_tags(client, bucket, "flaky") == {t: True for t in saved}  # every checkpoint, complete
+    assert _latest_after_its_tag(proxy, client, bucket, "flaky") == saved
+    assert client.get_object(Bucket=bucket, Key="flaky/checkpoints/latest")["Body"].read() == b"step_00000008"
+    # uploads ran behind training: a later save found an earlier tag still going up, and pruning
+    # (--keep-last-n 1) kept it until it was there
+    assert "step_00000004 waits for step_00000002" in run.stdout, run.stdout[-3000:]
+    fault_row.update(fault="S3 faults during checkpoint uploads (--remote-sync)",
+                     injected=f"{proxy.counts['injected_error']} 500/503 + 1 outage of 2 s in "
+                              f"{proxy.counts['faultable']} uploads, +100 ms each",
+                     outcome=f"{retries} retries in the background; all {len(saved)} checkpoints complete in S3, "
+                             f"latest after its tag", steps_lost=0, samples_lost=0, checkpoints_lost=0)
+
+
+@pytest.mark.dist
+def test_refused_credentials_stop_uploads_with_one_line_and_keep_local_checkpoints(remote_sync_runs, fault_row):
+    from dsclip.checkpoint import complete_tags, step_of
+
+    run, proxy = remote_sync_runs["results"]["expired"], remote_sync_runs["proxies"]["expired"]
+    client, bucket = remote_sync_runs["client"], remote_sync_runs["bucket"]
+    assert run.returncode == 1 and proxy.counts["injected_expired"] >= 1, (proxy.counts, run.stdout[-3000:])
+    errors = [ln for ln in run.stdout.splitlines() if ln.startswith("dsclip: error:")]
+    assert len(errors) == 1 and "Traceback" not in run.stdout, run.stdout[-3000:]
+    assert "storage refused the credentials" in errors[0] and "--resume latest" in errors[0], errors
+    assert "remote sync: retrying" not in run.stdout  # refused credentials are not retried
+    ckpts = remote_sync_runs["root"] / "expired" / "checkpoints"
+    local = complete_tags(str(ckpts))
+    latest = (ckpts / "latest").read_text()
+    assert latest in local
+    saved = [f"step_{s:08d}" for s in UPLOAD_STEPS if s <= step_of(latest)]
+    remote = _remote_tags(client, bucket, "expired")
+    lost = [t for t in saved if not remote.get(t) and t not in local]
+    assert not lost, (saved, remote, local)  # each checkpoint is complete in S3 or still on the local disk
+    remote_latest = client.get_object(Bucket=bucket, Key="expired/checkpoints/latest")["Body"].read().decode()
+    assert remote[remote_latest] and remote_latest == "step_00000002", remote  # 7 writes a tag: the 1st went up
+    fault_row.update(fault="S3 credentials expire during checkpoint uploads",
+                     injected=f"400 ExpiredToken from upload {proxy.expired_after + 1} on",
+                     outcome=f"exit 1, one line: {errors[0][len('dsclip: error: '):][:60]}...; remote latest "
+                             f"{remote_latest} complete, {len(saved) - 1} newer kept locally",
+                     steps_lost=f"after {latest}", samples_lost=0, checkpoints_lost=len(lost))
