@@ -83,7 +83,7 @@ class ProgressMeter:
 def data_metrics(stats: dict[str, Any], worst: int = 5) -> dict[str, Any]:
     """``data/...`` metrics from the reader's counters: totals, ``data/skipped/<kind>`` and, as one
     structured value for results.jsonl, ``data/worst_shards`` ({shard: {kind: count}})."""
-    from dsclip.data.wds import worst_shards
+    from dsclip.data.skips import worst_shards
 
     out: dict[str, Any] = {f"data/{k}": v for k, v in stats.items() if isinstance(v, (int, float))}
     out.update({f"data/skipped/{kind}": n for kind, n in stats.get("by_kind", {}).items()})
@@ -95,7 +95,7 @@ def data_metrics(stats: dict[str, Any], worst: int = 5) -> dict[str, Any]:
 
 def format_skips(stats: dict[str, Any]) -> str:
     """``skipped 6 (bad_image 1, corrupt_tar 1, ...; worst cut.tar 4, mixed.tar 2)`` for the progress line."""
-    from dsclip.data.wds import worst_shards
+    from dsclip.data.skips import worst_shards
 
     kinds = ", ".join(f"{k} {n}" for k, n in stats.get("by_kind", {}).items())
     worst = ", ".join(f"{shard} {sum(k.values())}" for shard, k in worst_shards(stats, 3))

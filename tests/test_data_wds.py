@@ -21,22 +21,13 @@ from PIL import Image
 
 from dsclip.config import Config, ConfigError
 from dsclip.data import build_source
+from dsclip.data.readers import ShardPart, range_parts, sample_ranges, split_parts, stream_quotas
 from dsclip.data.s3 import RetryingReader, ShardReadError
+from dsclip.data.samples import caption_of, check_image_header, image_size
 from dsclip.data.shards import write_shards
-from dsclip.data.wds import (
-    DataError,
-    ShardPart,
-    SkipCounter,
-    WebDatasetSource,
-    caption_of,
-    check_image_header,
-    image_size,
-    iter_tar,
-    range_parts,
-    sample_ranges,
-    split_parts,
-    stream_quotas,
-)
+from dsclip.data.skips import DataError, SkipCounter
+from dsclip.data.tar import iter_tar
+from dsclip.data.wds import WebDatasetSource
 
 torch.set_num_threads(1)
 

@@ -149,7 +149,7 @@ def _gather(obj: Any) -> list[Any]:
 def global_stats(source: Any) -> dict[str, Any]:
     """The data counters of every rank added up (``{}`` for sources without any).  Collective:
     call it on every rank."""
-    from .wds import merge_summaries
+    from .skips import merge_summaries
 
     local = source.stats() if source is not None and hasattr(source, "stats") else {}
     gathered = _gather(local) if hasattr(source, "local_position") else [local]

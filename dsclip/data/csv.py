@@ -21,7 +21,9 @@ from typing import Any
 import torch
 
 from ..config import Config, ConfigError
-from .wds import BatchLoader, BatchStream, CountingPipeline, collate, stable_seed
+from .readers import stable_seed
+from .samples import collate
+from .wds import BatchLoader, BatchStream, CountingPipeline
 
 
 class CsvPipeline(CountingPipeline):

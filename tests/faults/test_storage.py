@@ -126,7 +126,7 @@ def test_default_backoff_outlasts_a_30s_outage():
 
 
 def test_reader_stops_with_one_line_when_credentials_expire(s3_server, shards, monkeypatch, fault_row):
-    from dsclip.data.wds import DataError
+    from dsclip.data.skips import DataError
 
     url, _ = shards
     with FaultProxy(s3_server.endpoint, expired_after=2) as proxy:
