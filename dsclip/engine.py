@@ -214,6 +214,56 @@ def fill_ds_config(ds: dict[str, Any], cfg: Config, world: int, precision: str) 
     return ds
 
 
+ZERO3_AUTO_KEYS = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
+                   "stage3_max_live_parameters", "stage3_max_reuse_distance", "sub_group_size")
+
+
+def model_hidden_size(model: torch.nn.Module) -> int:
+    """The model's widest hidden size: the largest smaller side of a 2-D weight (768 for ViT-B-32's
+    image tower).  Works on ZeRO-3-partitioned parameters, whose real shape is ``ds_shape``."""
+    h = 0
+    for p in model.parameters():
+        shape = tuple(getattr(p, "ds_shape", None) or p.shape)
+        if len(shape) == 2:
+            h = max(h, min(shape))
+    return h or 1024
+
+
+def without_auto_buckets(ds: dict[str, Any]) -> dict[str, Any]:
+    """``ds`` without the buffer sizes still "auto" (for ``zero.Init``, which runs before the
+    model exists and does not use them)."""
+    ds = copy.deepcopy(ds)
+    zo = ds.get("zero_optimization", {})
+    for key in [k for k in ZERO3_AUTO_KEYS if zo.get(k) == "auto"]:
+        zo.pop(key)
+    return ds
+
+
+def fill_zero3_buckets(ds: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
+    """Size ZeRO-3's buffers from the model, for each of ``ZERO3_AUTO_KEYS`` left "auto".
+
+    DeepSpeed's defaults (5e7-element buckets, 1e9 live parameters) are sized for billion-parameter
+    models: on a ViT-B-32 they hold a gradient bucket and a prefetch window as large as a third of
+    the model, so a ZeRO-3 rank used more memory than a plain data-parallel one.  With h the
+    widest hidden size: buckets of h^2 and 0.9 h^2 elements (one transformer matrix), parameters
+    under 10 h kept whole on every rank (biases, norms: gathering them costs more than they
+    weigh), at most 10 h^2 gathered parameters alive at once (under one block of a wide tower),
+    and optimizer steps over sub-groups of 10 h^2 elements, so the optimizer's temporaries are
+    not the size of the whole partition.  Explicit numbers in the JSON are kept."""
+    if zero_stage(ds) != 3:  # other stages: "auto" is DeepSpeed's own default
+        return without_auto_buckets(ds)
+    ds = copy.deepcopy(ds)
+    zo = ds["zero_optimization"]
+    h = model_hidden_size(model)
+    auto = {"reduce_bucket_size": h * h, "stage3_prefetch_bucket_size": int(0.9 * h * h),
+            "stage3_param_persistence_threshold": 10 * h, "stage3_max_live_parameters": 10 * h * h,
+            "stage3_max_reuse_distance": 10 * h * h, "sub_group_size": 10 * h * h}
+    for key, value in auto.items():
+        if zo.get(key, "auto") == "auto":
+            zo[key] = value
+    return ds
+
+
 def zero_stage(ds: dict[str, Any]) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
@@ -239,11 +289,44 @@ def build_optimizer(groups: list[dict], ds: dict[str, Any], on_gpu: bool):
     return torch.optim.AdamW(groups, lr=p["lr"], betas=betas, eps=p["eps"], weight_decay=p["weight_decay"], **kw)
 
 
+_FP32_MASTER_SHARED = False
+
+
+def share_fp32_master_in_place() -> None:
+    """Let ZeRO-3 update fp32 weights in place instead of keeping a second fp32 copy.
+
+    DeepSpeed's stage-3 optimizer skips the master copy when a partition already has the master
+    dtype and sits on the optimizer's device, but it compares ``tensor.device`` (a torch.device)
+    with its own device *string*, which is never equal: fp32 training kept two fp32 copies of
+    every partition (4 bytes per parameter / ranks, a third of ZeRO-3's model states).  While the
+    partitions are created, the device is given as a torch.device, so that check sees what it
+    means to.  bf16/fp16 runs (other dtype) and offloaded or NVMe-swapped partitions take their
+    own branches, as before."""
+    global _FP32_MASTER_SHARED
+    if _FP32_MASTER_SHARED:
+        return
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    create = DeepSpeedZeroOptimizer_Stage3._create_fp32_partitions
+
+    def create_fp32_partitions(self):
+        device = self.device
+        self.device = torch.device(device)
+        try:
+            return create(self)
+        finally:
+            self.device = device
+
+    DeepSpeedZeroOptimizer_Stage3._create_fp32_partitions = create_fp32_partitions
+    _FP32_MASTER_SHARED = True
+
+
 def initialize_engine(model: torch.nn.Module, groups: list[dict], ds: dict[str, Any], on_gpu: bool):
     import deepspeed
 
+    share_fp32_master_in_place()
     optimizer = build_optimizer(groups, ds, on_gpu)
-    ds = copy.deepcopy(ds)
+    ds = fill_zero3_buckets(ds, model)
     ds.pop("optimizer", None)  # already built; DeepSpeed must not build a second one
     ds["zero_allow_untested_optimizer"] = True
     if offloads_optimizer(ds) and not on_gpu:

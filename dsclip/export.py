@@ -67,9 +67,9 @@ def save_weights(sd: dict[str, torch.Tensor], out: str, model_cfg: dict | None =
 
         from .pretrained import MODEL_CONFIG_METADATA
 
-        metadata = {"format": "pt"}
-        if model_cfg:
-            metadata[MODEL_CONFIG_METADATA] = json.dumps(model_cfg)
+        # at most one metadata key: safetensors writes them from a hash map, in another order in every
+        # process, and an export must be byte-for-byte reproducible (a resumed run's equals the original's)
+        metadata = {MODEL_CONFIG_METADATA: json.dumps(model_cfg, sort_keys=True)} if model_cfg else None
         save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=metadata)
     elif out.endswith((".pt", ".bin", ".pth")):
         torch.save(sd, tmp)

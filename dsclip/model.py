@@ -133,7 +133,10 @@ def create_model(cfg: Config, device: torch.device | str = "cpu", load_weights: 
     if zero3_config is not None:
         import deepspeed
 
-        with _promote_scalars_at_init(), deepspeed.zero.Init(config_dict_or_path=zero3_config):
+        from .engine import without_auto_buckets
+
+        init = deepspeed.zero.Init(config_dict_or_path=without_auto_buckets(zero3_config))
+        with _promote_scalars_at_init(), init:
             model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
                 name, pretrained=None, device="cpu", **kwargs, **transforms)
         notes.append("built partitioned (deepspeed.zero.Init)")

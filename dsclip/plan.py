@@ -5,9 +5,10 @@ Model states use ZeRO's accounting.  For 16-bit training they are DeepSpeed's ow
 per parameter for the 16-bit weights, plus 18 bytes per trainable parameter (16-bit and fp32
 gradients, fp32 master weights, Adam's two moments) divided over the ranks, plus at stage 3 the
 largest layer gathered in full.  Frozen parameters cost only their weights (dsclip keeps them out
-of the optimizer).  fp32 training has no master copy: 4 bytes of weights, 4 of gradients and 8 of
-Adam moments per trainable parameter, partitioned from stage 1 (moments), 2 (gradients) and 3
-(weights).  Stages 0 and 1, which DeepSpeed has no estimator for, follow the same accounting.
+of the optimizer).  fp32 training: 4 bytes of weights, 4 of gradients and 8 of Adam moments per
+trainable parameter, partitioned from stage 1 (moments), 2 (gradients) and 3 (weights); ZeRO-1
+and ZeRO-2 also clone each rank's partition as the "master" copy (4 bytes / ranks), while ZeRO-3
+and stage 0 update the fp32 weights in place.  Stages 0 and 1, which DeepSpeed has no estimator for, follow the same accounting.
 
 Activations are not guessed from a formula: the model is built on the meta device (no memory, no
 weights) and run forward at batch 1 and 3 under ``saved_tensors_hooks``, which sees every tensor
@@ -172,7 +173,8 @@ def model_states(shape: ModelShape, stage: int, precision: str, world: int) -> t
     F = P - T
     if precision == "fp32":
         weights = 4 * P / (W if stage >= 3 else 1) + (4 * L if stage >= 3 else 0)
-        return weights, 4 * T / (W if stage >= 2 else 1), 8 * T / (W if stage >= 1 else 1)
+        master = 4 * T / W if stage in (1, 2) else 0  # ZeRO-1/2 copy their partition even in fp32
+        return weights, 4 * T / (W if stage >= 2 else 1), 8 * T / (W if stage >= 1 else 1) + master
     if stage == 2:
         from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 

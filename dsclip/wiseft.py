@@ -328,7 +328,8 @@ def _save(sd: StateDict, path: str, alpha: float) -> None:
         return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
 
     tmp = f"{path}.tmp.{os.getpid()}"
-    save_file({k: own(v) for k, v in sd.items()}, tmp, metadata={"format": "pt", "wiseft_alpha": repr(alpha)})
+    # one metadata key: several would be written in a different order by every process
+    save_file({k: own(v) for k, v in sd.items()}, tmp, metadata={"wiseft_alpha": repr(alpha)})
     os.replace(tmp, path)
 
 

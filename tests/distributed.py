@@ -2,7 +2,8 @@
 
 Each rank gets a ``torch.distributed`` process group built from a file store in a temp dir,
 so tests need no free port.  A hang is bounded by ``timeout``: the parent kills the ranks and
-fails the test rather than waiting forever.
+fails the test rather than waiting forever.  Ranks are forked from tests/ranks.py's server, which
+has the heavy modules loaded already.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 
-def _worker(rank: int, world: int, store_path: str, out_dir: str, fn: Callable, args: tuple, port: int) -> None:
+def _worker(rank: int, world: int, store_path: str, out_dir: str, fn: Callable, args: tuple, port: int,
+            env: dict[str, str]) -> None:
+    from tests.ranks import apply_env
+
+    apply_env(env)  # the test's environment now, not the fork server's from when it started
     torch.set_num_threads(1)
     # DeepSpeed's CPU shm comm op names its /dev/shm buffers after these; see run_ranks
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
@@ -50,9 +54,13 @@ def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 300) -> lis
     """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; return each rank's result."""
     with tempfile.TemporaryDirectory() as tmp:
         store_path = os.path.join(tmp, "store")
-        ctx = mp.get_context("spawn")
+        from tests.ranks import context
+
+        ctx = context()  # forked from a server with torch, DeepSpeed and open_clip loaded
         port = _unique_port()
-        procs = [ctx.Process(target=_worker, args=(r, world, store_path, tmp, fn, args, port)) for r in range(world)]
+        env = dict(os.environ)
+        procs = [ctx.Process(target=_worker, args=(r, world, store_path, tmp, fn, args, port, env))
+                 for r in range(world)]
         for p in procs:
             p.start()
         for p in procs:

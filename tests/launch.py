@@ -6,8 +6,9 @@ timeout, and returns the completed process (stdout+stderr in ``.stdout``).  torc
 default: the deepspeed launcher adds two interpreters (runner and per-node launcher), ~5 s a
 job on 2 cores; the tests that are about it ask for it.
 
-``launch_many({name: args, ...})`` runs several trainings one after another in one job
-(``tests/multirun.py``): the same real ranks and launcher, start-up paid once.
+``launch_many({name: args, ...})`` runs several trainings one after another: forked (the
+default), each as its own job; with a real launcher, in one job (``tests/multirun.py``), so that
+start-up is paid once.
 
 Every job runs in its own process group; on a timeout the whole group (launcher *and* ranks)
 is killed, so a hung test cannot leave ranks behind that starve the tests after it.
@@ -89,10 +90,29 @@ def kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
-def launch_train(args: list[str], nproc: int = 2, launcher: str = "torchrun", timeout: float = 600,
+def launch_train(args: list[str], nproc: int = 2, launcher: str = "forked", timeout: float = 600,
                  env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """One training job; ``launcher`` "forked" (the default: ranks forked from a preloaded server,
+    see tests/ranks.py), or a real "torchrun", "deepspeed" or "python" command line."""
+    if launcher == "forked":
+        from tests.ranks import train_job
+
+        return train_job(list(args), nproc, env, timeout)
     cmd = launcher_cmd(launcher, nproc, free_port()) + list(args)
     return run_process(cmd, timeout, cwd=ROOT, env=env or cpu_env())
+
+
+def _forked_many(runs, nproc: int, timeout: float, env: dict[str, str] | None):
+    from tests.ranks import train_job
+
+    results, code, job = {}, 0, None
+    for name, run in runs.items():
+        args, extra = (run if isinstance(run, tuple) else (run, {}))
+        job = train_job(list(args), nproc, {**(env or cpu_env()), **extra}, timeout)
+        results[name] = RunResult(job.returncode, job.stdout)
+        code = code or job.returncode
+    job.returncode = code
+    return results, job
 
 
 def _read_json(path: str) -> dict:
@@ -112,9 +132,13 @@ class RunResult:
 
 
 def launch_many(runs: dict[str, list[str] | tuple[list[str], dict[str, str]]], nproc: int = 2,
-                launcher: str = "torchrun", timeout: float = 600, env: dict[str, str] | None = None,
+                launcher: str = "forked", timeout: float = 600, env: dict[str, str] | None = None,
                 ) -> tuple[dict[str, RunResult], subprocess.CompletedProcess]:
-    """Run ``runs`` (name -> args, or name -> (args, extra env for that run)) in order, in one job."""
+    """Run ``runs`` (name -> args, or name -> (args, extra env for that run)) in order: with a real
+    launcher, one after another in one job (tests/multirun.py); forked, each as its own job.
+    The second value is the job (forked: the last one, with the first failure's exit code)."""
+    if launcher == "forked":
+        return _forked_many(runs, nproc, timeout, env)
     spec_dir = tempfile.mkdtemp(prefix="dsclip-multirun-")
     spec = {"runs": [{"name": name, "argv": list(r[0] if isinstance(r, tuple) else r),
                       "env": dict(r[1]) if isinstance(r, tuple) else {}} for name, r in runs.items()]}

@@ -13,8 +13,15 @@ import torch
 
 from dsclip import checkpoint as ckpt
 from dsclip.config import Config, ConfigError, parse_args, save_yaml, to_argv
-from dsclip.engine import DEFAULT_DS_CONFIG, fill_ds_config, load_ds_config
-from dsclip.model import promote_scalar_params, to_open_clip_shapes
+from dsclip.engine import (
+    DEFAULT_DS_CONFIG,
+    fill_ds_config,
+    fill_zero3_buckets,
+    load_ds_config,
+    model_hidden_size,
+    without_auto_buckets,
+)
+from dsclip.model import promote_scalar_params, register_model, to_open_clip_shapes
 from dsclip.schedule import GroupLR, lr_factor_fn
 from tests.launch import ROOT, TINY
 
@@ -68,10 +75,29 @@ def test_ds_configs_load_and_zero2_is_the_default():
     files = sorted(glob.glob(os.path.join(ROOT, "ds_configs", "*.json")))
     assert {os.path.basename(f) for f in files} >= {"zero1.json", "zero2.json", "zero3.json", "zero3_offload.json"}
     cfg = parse_args(["--lr", "1e-4"])
+    model = open_clip.create_model(register_model(TINY))
     for f in files:
-        ds = fill_ds_config(load_ds_config(f), cfg, world=2, precision="fp32")
+        ds = fill_zero3_buckets(fill_ds_config(load_ds_config(f), cfg, world=2, precision="fp32"), model)
         assert "auto" not in json.dumps(ds), f
     assert load_ds_config(os.path.join(ROOT, "ds_configs", "zero2.json")) == DEFAULT_DS_CONFIG
+
+
+def test_zero3_buffers_are_sized_from_the_model_and_explicit_values_kept():
+    """DeepSpeed's defaults (5e7-element buckets) hold a third of a ViT-B-32 per bucket; "auto"
+    sizes them from the widest hidden size h (768 here): h^2 buckets, 10 h persistence."""
+    ds = load_ds_config(os.path.join(ROOT, "ds_configs", "zero3.json"))
+    b32 = open_clip.create_model("ViT-B-32", device="meta")
+    assert model_hidden_size(b32) == 768
+    zo = fill_zero3_buckets(ds, b32)["zero_optimization"]
+    assert zo["reduce_bucket_size"] == 768 ** 2 and zo["stage3_prefetch_bucket_size"] == int(0.9 * 768 ** 2)
+    assert zo["stage3_param_persistence_threshold"] == 7680 and zo["stage3_max_live_parameters"] == 10 * 768 ** 2
+    assert zo["sub_group_size"] == 10 * 768 ** 2
+    ds["zero_optimization"]["reduce_bucket_size"] = 12345
+    assert fill_zero3_buckets(ds, b32)["zero_optimization"]["reduce_bucket_size"] == 12345
+    # zero.Init runs before the model exists: it gets the config without the "auto" sizes
+    assert "auto" not in json.dumps(without_auto_buckets(ds)["zero_optimization"])
+    z2 = {"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}
+    assert fill_zero3_buckets(z2, b32)["zero_optimization"] == {"stage": 2}  # DeepSpeed's own default
 
 
 def test_auto_values_filled_from_flags():
@@ -209,3 +235,20 @@ def test_cli_dispatch(capsys):
     assert main([]) == 0 and "train" in capsys.readouterr().out
     assert main(["nope"]) == 2
     assert "unknown command" in capsys.readouterr().err
+
+
+def test_exports_are_byte_for_byte_reproducible(tmp_path):
+    """safetensors orders metadata keys by a per-process hash: more than one key and two exports of
+    the same weights differ in their header.  The export keeps to one key (and sorts its JSON)."""
+    import struct
+
+    from dsclip.export import save_weights
+
+    sd = {"b": torch.ones(3), "a": torch.zeros(2, 2)}
+    cfg = {"vision_cfg": {"width": 64, "image_size": 32}, "embed_dim": 32}
+    save_weights(sd, str(tmp_path / "x.safetensors"), cfg)
+    save_weights(sd, str(tmp_path / "y.safetensors"), dict(reversed(list(cfg.items()))))
+    raw = (tmp_path / "x.safetensors").read_bytes()
+    header = json.loads(raw[8: 8 + struct.unpack("<Q", raw[:8])[0]])
+    assert list(header["__metadata__"]) == ["dsclip_model_config"]
+    assert raw == (tmp_path / "y.safetensors").read_bytes()

@@ -78,7 +78,7 @@ def test_s3_training_and_exact_sample_resume(tmp_path, s3_server, s3_bucket):
         "full": (tiny_args(str(tmp_path), "full", *common), {"DSCLIP_TRACE_KEYS": str(tmp_path / "keys-full")}),
         "bad": bad,
         "crash": (crashed, {"DSCLIP_TRACE_KEYS": str(tmp_path / "keys-crash"), "DSCLIP_FAULT": "kill_at_step:8"}),
-    }, launcher="torchrun")
+    })
     assert results["full"].returncode == 0, results["full"].stdout[-3000:]
     assert "2 rank(s)" in results["full"].stdout and "ZeRO-2" in results["full"].stdout
     assert results["bad"].returncode == 0, results["bad"].stdout[-3000:]
@@ -91,7 +91,7 @@ def test_s3_training_and_exact_sample_resume(tmp_path, s3_server, s3_bucket):
     assert 24 < last["data/samples"] < 32 and last["data/repeated"] == 32 - usable  # the short streams wrapped
     assert "skipped 4 (bad_image 1, corrupt_tar 1, empty_caption 1, missing_caption 1; worst" in results["bad"].stdout
     assert job.returncode != 0 and results["crash"].returncode != 0
-    proc = launch_train(crashed + ["--resume", "latest"], launcher="torchrun",
+    proc = launch_train(crashed + ["--resume", "latest"],
                         env=cpu_env(DSCLIP_TRACE_KEYS=str(tmp_path / "keys-resumed")))
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "resumed step_00000005" in proc.stdout and "batch 5 from the saved reader positions" in proc.stdout

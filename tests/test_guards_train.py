@@ -58,7 +58,7 @@ def guarded_runs(tmp_path_factory):
                             "--train-num-samples", "256", "--lr", "0.5", "--warmup", "0", "--eval-every-n-steps",
                             "2", "--early-stop", "forget", "--forget-threshold", "2", "--save-every-n-steps", "4"),
     }
-    results, _ = launch_many(runs, nproc=1, launcher="python", timeout=600, env=cpu_env())
+    results, _ = launch_many(runs, nproc=1, timeout=600, env=cpu_env())
     return root, results
 
 

@@ -57,7 +57,7 @@ def finetune_runs(tmp_path_factory):
         "gc": tiny_args(str(root), "gc", "--ds_config", "ds_configs/zero2.json", "--grad-checkpointing",
                         "--lock-image", "--max-steps", "3", *NO_EVAL),
     }
-    results, _ = launch_many(runs, nproc=2, launcher="torchrun", timeout=900)
+    results, _ = launch_many(runs, nproc=2, timeout=900)
     return root, results
 
 

@@ -80,7 +80,7 @@ def test_trainer_refuses_a_plan_that_cannot_fit_before_building_anything(tmp_pat
     args = tiny_args(str(tmp_path), "big", "--batch-size", "32", "--memory-budget-gib", "1.5", "--ds_config",
                      "ds_configs/zero0.json")
     args[args.index("--model") + 1] = "ViT-B-32"  # 2.4 GB of fp32 training state at ZeRO-0
-    proc = launch_train(args, nproc=1, launcher="python", timeout=300)
+    proc = launch_train(args, nproc=1, timeout=300)
     assert proc.returncode == 2, proc.stdout[-3000:]
     errors = [ln for ln in proc.stdout.splitlines() if ln.startswith("dsclip: error:")]
     assert len(errors) == 1 and "exceeds the 1.5 GiB available" in errors[0], proc.stdout[-3000:]

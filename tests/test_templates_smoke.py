@@ -87,7 +87,7 @@ def template_runs(tmp_path_factory):
     for t in TEMPLATES:
         (root / _name(t)).mkdir()
         runs[_name(t)] = _template_args(root / _name(t), t, zeroshot)
-    results, _ = launch_many(runs, nproc=1, launcher="python", timeout=900)
+    results, _ = launch_many(runs, nproc=1, timeout=900)
     return root, results
 
 

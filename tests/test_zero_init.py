@@ -203,3 +203,36 @@ def test_logit_scale_clamp_reaches_the_fp32_master(hf_hub_zero3, stage):
         assert r["master"] == pytest.approx(math.log(100.0), abs=1e-6)
         # one Adam step at lr 1e-4 from the clamped value; the unclamped master would give ~6
         assert abs(r["after_step"] - math.log(100.0)) < 1e-3, r
+
+
+def _fp32_engine(rank: int, world: int) -> dict:
+    import deepspeed
+
+    from dsclip.config import parse_args
+    from dsclip.engine import fill_ds_config, initialize_engine, load_ds_config
+    from dsclip.model import create_model
+    from dsclip.strategies import param_groups_for
+    from tests.launch import ROOT, TINY
+
+    os.environ.update({"LOCAL_RANK": str(rank), "RANK": str(rank), "WORLD_SIZE": str(world)})
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    cfg = parse_args(["--model", TINY, "--lr", "1e-3"])
+    out = {}
+    for name in ("zero3", "zero3_offload"):
+        ds = fill_ds_config(load_ds_config(os.path.join(ROOT, "ds_configs", f"{name}.json")), cfg, world, "fp32")
+        bundle = create_model(cfg, "cpu", zero3_config=ds)
+        engine = initialize_engine(bundle.model, param_groups_for(bundle.model, cfg), ds, on_gpu=False)
+        opt = engine.optimizer
+        out[name] = [a.data_ptr() == b.data_ptr()
+                     for a, b in zip(opt.fp32_partitioned_groups_flat, opt.fp16_partitioned_groups_flat)]
+    return out
+
+
+@pytest.mark.dist
+def test_fp32_zero3_updates_its_partitions_in_place_without_a_second_fp32_copy():
+    """DeepSpeed's stage-3 optimizer means to skip the fp32 master copy when the partitions are fp32
+    already, but compares a torch.device with a string; dsclip's fix makes every fp32 sub-group
+    share its storage (a third of ZeRO-3's model-state memory).  Offload keeps its own copy."""
+    for rank_result in run_ranks(_fp32_engine, 2, timeout=300):
+        assert rank_result["zero3"] and all(rank_result["zero3"]), rank_result
+        assert not any(rank_result["zero3_offload"]), rank_result

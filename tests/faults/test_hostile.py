@@ -166,7 +166,7 @@ def test_pipe_url_is_refused_without_allow_flag(tmp_path, fault_row):
     sentinel = tmp_path / "pipe-ran"
     url = f"pipe:touch {sentinel} && cat /dev/null"
     proc = launch_train(_tiny(tmp_path, "--train-data", url, "--dataset-type", "webdataset"), nproc=1,
-                        launcher="python", timeout=300)
+                        timeout=300)
     line = _one_error(proc.stdout.splitlines())
     assert proc.returncode == 2 and "--allow-pipe-urls" in line, proc.stdout[-2000:]
     assert not sentinel.exists()

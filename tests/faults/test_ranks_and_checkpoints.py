@@ -109,7 +109,7 @@ def dead_and_hung(tmp_path_factory):
     killed = _launch_by_hand(killed_args, root, timeout=240, DSCLIP_FAULT=f"kill_at_step:{KILL_STEP}",
                              DSCLIP_FAULT_RANKS="1", DSCLIP_TRACE_KEYS=str(root / "trace-killed"))
     t0 = time.monotonic()
-    hung = launch_train(hung_args, launcher="torchrun", timeout=240,
+    hung = launch_train(hung_args, timeout=240,
                         env=cpu_env(DSCLIP_FAULT=f"hang_at_step:{HANG_STEP}", DSCLIP_FAULT_RANKS="1",
                                     DSCLIP_TRACE_KEYS=str(root / "trace-hung")))
     hung_elapsed = time.monotonic() - t0
@@ -196,7 +196,7 @@ def torn_saves(tmp_path_factory):
             p = SAVE_POINTS[i]
             runs[f"crash-{p}"] = (args[p], {"DSCLIP_FAULT": f"kill_in_save:{p}:4",
                                             "DSCLIP_TRACE_KEYS": _trace_dir(root, p, "crashed")})
-        results, _ = launch_many(runs, launcher="torchrun", timeout=400)
+        results, _ = launch_many(runs, timeout=400)
         for name, res in results.items():
             kind, point = name.split("-", 1)
             if kind == "resume":

@@ -172,7 +172,7 @@ def test_training_from_s3_rides_through_faults_without_losing_samples_or_checkpo
     with FaultProxy(s3_server.endpoint, error_rate=0.2, drop_rate=0.1, outage_after=10, outage_seconds=2.0,
                     seed=3) as proxy:
         env = cpu_env(AWS_ENDPOINT_URL=proxy.endpoint, DSCLIP_TRACE_KEYS=str(trace))
-        proc = launch_train(_train_args(tmp_path, url), nproc=2, launcher="torchrun", env=env, timeout=400)
+        proc = launch_train(_train_args(tmp_path, url), nproc=2, env=env, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:]
     injected = proxy.counts["injected_error"] + proxy.counts["injected_drop"] + proxy.counts["injected_outage"]
     assert injected > 0 and proxy.counts["outages"] == 1, proxy.counts
@@ -198,7 +198,7 @@ def test_training_stops_cleanly_when_credentials_expire(s3_server, s3_bucket, tm
         env = cpu_env(AWS_ENDPOINT_URL=proxy.endpoint)
         # a DataLoader worker reads the shards: its error reaches the trainer re-wrapped
         proc = launch_train(_train_args(tmp_path, url, "--batch-size", "8", "--workers", "1"), nproc=1,
-                            launcher="python", env=env, timeout=300)
+                            env=env, timeout=300)
     assert proc.returncode != 0
     errors = [ln for ln in proc.stdout.splitlines() if ln.startswith("dsclip: error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stdout, proc.stdout[-3000:]

@@ -233,14 +233,14 @@ def test_trainer_resumes_a_2_rank_run_on_1_and_4_ranks(tmp_path, fault_row):
                          "--save-every-n-steps", "2", "--keep-last-n", "5", "--log-every-n-steps", "1",
                          *NO_EVAL, *extra)
 
-    proc = launch_train(args("two", 4), nproc=2, launcher="torchrun", timeout=300)
+    proc = launch_train(args("two", 4), nproc=2, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:]
     reference = _losses(tmp_path / "two")
     tag = tmp_path / "two" / "checkpoints" / "step_00000002"
     gaps = {}
     for nproc, batch in ((1, 8), (4, 2)):
         name = f"on{nproc}"
-        proc = launch_train(args(name, batch, "--resume", str(tag)), nproc=nproc, launcher="torchrun", timeout=300)
+        proc = launch_train(args(name, batch, "--resume", str(tag)), nproc=nproc, timeout=300)
         assert proc.returncode == 0, proc.stdout[-3000:]
         assert "resumed step_00000002" in proc.stdout
         assert ("converted it" in proc.stdout) == (nproc == 1)  # the 4-rank job reuses the conversion
