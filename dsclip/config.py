@@ -168,6 +168,8 @@ class RunConfig:
     ds_config: str | None = opt(None, "DeepSpeed JSON config (default: built-in ZeRO-2)",
                                    flag="--ds_config", aliases=("--deepspeed_config", "--ds-config"))
     local_rank: int = opt(-1, "set by the deepspeed launcher", flag="--local_rank", aliases=("--local-rank",))
+    nvme_path: str | None = opt(None, "local NVMe directory for ZeRO-Infinity offload (fills an \"auto\" nvme_path, "
+                                      "as in ds_configs/zero3_nvme.json)")
     dist_timeout: float = opt(300.0, "seconds before a stuck collective aborts the job")
     remote_sync: str | None = opt(None, "upload each completed checkpoint to this s3:// prefix")
     memory_check: bool = opt(True, "refuse up front when `dsclip plan`'s estimate exceeds this rank's memory")

@@ -179,6 +179,23 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
+def _fill_nvme_paths(zo: dict[str, Any], cfg: Config) -> None:
+    """ZeRO-Infinity's ``nvme_path`` ("auto" takes ``--nvme-path``); the directory must exist,
+    so a typo is one line now rather than an aio error after the model is built."""
+    for section in ("offload_optimizer", "offload_param"):
+        sec = zo.get(section) or {}
+        if sec.get("device") != "nvme":
+            continue
+        _fill(sec, "nvme_path", cfg.run.nvme_path, "run.nvme_path", cfg, f"zero_optimization.{section}")
+        path = sec["nvme_path"]
+        if not path:
+            raise ConfigError(f"ds_config offloads {section.split('_')[1]} to NVMe but nvme_path is \"auto\"; "
+                              "pass --nvme-path DIR (a fast local disk on every node)")
+        if not os.path.isdir(path) or not os.access(path, os.W_OK):
+            raise ConfigError(f"nvme_path {path} is not a writable directory; create it on every node or "
+                              "pass another --nvme-path")
+
+
 def fill_ds_config(ds: dict[str, Any], cfg: Config, world: int, precision: str) -> dict[str, Any]:
     """Resolve every "auto" value from the CLI config.  Returns a new dict."""
     ds = copy.deepcopy(ds)
@@ -208,6 +225,7 @@ def fill_ds_config(ds: dict[str, Any], cfg: Config, world: int, precision: str) 
     _fill(params, "eps", o.eps, "optim.eps", cfg, "optimizer.params")
     _fill(params, "weight_decay", o.wd, "optim.wd", cfg, "optimizer.params")
     ds.setdefault("zero_optimization", {"stage": 0})
+    _fill_nvme_paths(ds["zero_optimization"], cfg)
     ds.setdefault("steps_per_print", 1_000_000_000)
     # dsclip checkpoints frozen parameters too: exports and resumes must carry them.
     ds.setdefault("checkpoint", {}).setdefault("exclude_frozen_parameters", False)

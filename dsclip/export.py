@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 
 import torch
 
@@ -40,8 +41,14 @@ def consolidated_state_dict(ckpt_dir: str, tag: str, trust: bool = False) -> dic
 
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
-            sd = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)  # chatty progress bars
+        with contextlib.ExitStack() as stack:
+            if os.path.isdir(os.path.join(tag_dir, "offloaded_tensors")):
+                tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix=".export-", dir=ckpt_dir))
+                ckpt_dir = with_offloaded_fp32(tag_dir, tmp)
+            null = stack.enter_context(open(os.devnull, "w"))
+            stack.enter_context(contextlib.redirect_stdout(null))
+            stack.enter_context(contextlib.redirect_stderr(null))  # chatty progress bars
+            sd = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
     shapes = meta.get("param_shapes", {})
     out = {}
     for k, v in sd.items():
@@ -54,6 +61,46 @@ def consolidated_state_dict(ckpt_dir: str, tag: str, trust: bool = False) -> dic
     if missing:
         raise RuntimeError(f"checkpoint {tag_dir} lacks {len(missing)} keys, e.g. {missing[:5]}")
     return out
+
+
+def with_offloaded_fp32(tag_dir: str, tmp: str) -> str:
+    """A checkpoint dir under ``tmp`` that DeepSpeed's consolidation can read, for a ZeRO-Infinity
+    (NVMe offload) checkpoint.
+
+    There, each swapped sub-group's fp32 partition is not in the optimizer file (an empty tensor
+    stands in for it) but in ``offloaded_tensors/rankNN/<ds_id>.tensor.swp``, raw fp32 that
+    DeepSpeed copies next to the checkpoint.  The copy's optimizer files have those partitions
+    filled in; the model files are linked."""
+    import glob
+    import math
+    import re
+
+    tag = os.path.basename(os.path.normpath(tag_dir))
+    out = os.path.join(tmp, tag)
+    os.makedirs(out)
+    with open(os.path.join(tmp, "latest"), "w") as fh:
+        fh.write(tag)
+    optim = sorted(glob.glob(os.path.join(tag_dir, "*_optim_states.pt")))
+    world = len(optim)
+    for path in glob.glob(os.path.join(tag_dir, "*_model_states.pt")):
+        os.symlink(os.path.abspath(path), os.path.join(out, os.path.basename(path)))
+    model_file = glob.glob(os.path.join(tag_dir, "*_model_states.pt"))[0]
+    shapes = torch.load(model_file, map_location="cpu", weights_only=False)["param_shapes"]  # vetted by the caller
+    for path in optim:
+        rank = int(re.search(r"zero_pp_rank_(\d+)_", os.path.basename(path)).group(1))
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        groups = state["optimizer_state_dict"]["fp32_flat_groups"]
+        for i, flat in enumerate(groups):
+            if flat.numel() or not shapes[i]:
+                continue
+            numel = sum(math.ceil(s.numel() / world) for s in shapes[i].values())
+            swp = os.path.join(tag_dir, "offloaded_tensors", f"rank{rank:02d}", f"{flat.ds_id}.tensor.swp")
+            if not os.path.isfile(swp) or os.path.getsize(swp) < 4 * numel:
+                raise RuntimeError(f"{tag_dir}: the NVMe-offloaded fp32 partition {swp} is missing or short; "
+                                   "the checkpoint is incomplete")
+            groups[i] = torch.from_file(swp, shared=False, size=numel, dtype=torch.float32).clone()
+        torch.save(state, os.path.join(out, os.path.basename(path)))
+    return tmp
 
 
 def save_weights(sd: dict[str, torch.Tensor], out: str, model_cfg: dict | None = None) -> None:

@@ -15,7 +15,13 @@ weights) and run forward at batch 1 and 3 under ``saved_tensors_hooks``, which s
 autograd keeps for backward; the difference is the per-sample cost, for any tower (ViT, timm,
 Hugging Face).  With gradient checkpointing the same measurement gives the kept layer inputs,
 plus one layer recomputed at a time.  The local contrastive loss adds its logits (b x B, fp32).
-A fixed runtime overhead (communication buckets, allocator slack) completes the estimate.
+DeepSpeed's gradient communication buffers (see ``comm_buffers``) and a fixed runtime overhead
+(gloo/NCCL buffers, allocator slack) complete the estimate.
+
+Accuracy: the total is what training adds to a rank whose framework is loaded.  Against the peak
+RSS growth of 2 CPU ranks (fp32, gradient checkpointing; benchmarks/results/scale.md) it was
++7% for ViT-B-32 at ZeRO-0, +1% at ZeRO-3 (batch 4) and -2% for ViT-H-14 at ZeRO-3 (batch 1);
+tests/test_plan.py holds the ZeRO-3 case to 20%.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ from dataclasses import asdict, dataclass
 GIB = 1024**3
 # per rank, on top of what the estimate counts: DeepSpeed's buckets, gloo/NCCL buffers, allocator
 # slack.  The trainer's up-front check measures the budget after the framework is loaded.
-RUNTIME_OVERHEAD_GIB = 0.5
+RUNTIME_OVERHEAD_GIB = 0.25
+DS_BUCKET_ELEMENTS = 5e8  # DeepSpeed's default allreduce/reduce bucket (ZeRO-0/1/2), elements
 
 
 @dataclass
@@ -41,11 +48,12 @@ class Estimate:
     logits: float
     overhead: float
     grad_ckpt: bool
+    buffers: float = 0.0  # DeepSpeed's gradient communication buffers
 
     @property
     def total(self) -> float:
         act = self.activations_ckpt if self.grad_ckpt else self.activations
-        return self.params + self.grads + self.optimizer + act + self.logits + self.overhead
+        return self.params + self.grads + self.optimizer + act + self.logits + self.buffers + self.overhead
 
     @property
     def training_state(self) -> float:
@@ -56,7 +64,7 @@ class Estimate:
         g = {k: v / GIB for k, v in asdict(self).items() if k not in ("stage", "grad_ckpt")}
         return (f"ZeRO-{self.stage}  params {g['params']:7.2f}  grads {g['grads']:7.2f}  optim {g['optimizer']:7.2f}  "
                 f"act {g['activations']:7.2f} (ckpt {g['activations_ckpt']:6.2f})  logits {g['logits']:5.2f}  "
-                f"total {self.total / GIB:7.2f} GiB")
+                f"buffers {g['buffers']:5.2f}  total {self.total / GIB:7.2f} GiB")
 
 
 @dataclass
@@ -195,7 +203,19 @@ def estimate(shape: ModelShape, stage: int, precision: str, batch: int, world: i
     weights, grads, optim = model_states(shape, stage, precision, world)
     logits = 2 * 3 * batch * batch * world * 4  # image and text logits, fp32, with softmax grads
     return Estimate(stage, weights, grads, optim, batch * shape.act_per_sample, batch * shape.act_ckpt_per_sample,
-                    logits, overhead_gib * GIB, grad_ckpt)
+                    logits, overhead_gib * GIB, grad_ckpt, comm_buffers(shape, stage, precision))
+
+
+def comm_buffers(shape: ModelShape, stage: int, precision: str) -> float:
+    """Gradient bytes DeepSpeed holds for communication on top of the gradients themselves.
+    ZeRO-0/1 flatten the gradients into allreduce buckets and ZeRO-2 copies them into its reduce
+    bucket, up to the bucket size (5e8 elements by default; most CLIP models fit in one), so
+    about one more gradient copy; ZeRO-3 reduces per bucket of its h^2 size, the largest
+    layer's full gradient being the most it holds at once."""
+    grad_bytes = 4 if precision == "fp32" else 2
+    if stage == 3:
+        return grad_bytes * shape.largest_layer
+    return grad_bytes * min(shape.trainable, DS_BUCKET_ELEMENTS)
 
 
 def largest_batch(shape: ModelShape, stage: int, precision: str, world: int, budget_gib: float,

@@ -142,6 +142,35 @@ def test_every_other_shipped_ds_config_trains(tmp_path):
     assert first_epoch.keys() == final.keys() and not torch.equal(first_epoch["visual.proj"], final["visual.proj"])
 
 
+def _aio_builds() -> bool:
+    try:
+        from deepspeed.ops.op_builder import AsyncIOBuilder
+
+        return bool(AsyncIOBuilder().is_compatible(verbose=False))
+    except (ImportError, RuntimeError, OSError):
+        return False
+
+
+@pytest.mark.skipif(not _aio_builds(), reason="DeepSpeed's async-I/O op needs libaio-dev (apt-get install libaio-dev; "
+                                              ".ci/run installs it)")
+def test_zero3_nvme_offload_trains_resumes_and_exports(tmp_path):
+    """ZeRO-Infinity (ds_configs/zero3_nvme.json) on a local directory: optimizer state and
+    parameters are swapped to files under --nvme-path, a resumed run continues, the export
+    matches the engine."""
+    nvme = tmp_path / "swap"
+    nvme.mkdir()
+    base = tiny_args(str(tmp_path), "nvme", "--ds_config", "ds_configs/zero3_nvme.json", "--nvme-path", str(nvme),
+                     *NO_EVAL, "--save-every-n-steps", "2", steps_samples=32)
+    first = launch_train([*base, "--max-steps", "2"], timeout=900)
+    assert first.returncode == 0, first.stdout[-4000:]
+    swapped = [f for f in glob.glob(str(nvme / "**" / "*"), recursive=True) if os.path.isfile(f)]
+    assert swapped and sum(os.path.getsize(f) for f in swapped) > 0, "nothing was swapped to the NVMe path"
+    second = launch_train([*base, "--resume", "latest"], timeout=900)
+    assert second.returncode == 0, second.stdout[-4000:]
+    assert "resumed" in second.stdout.lower() and "ZeRO-3" in second.stdout
+    assert_export_matches_engine(str(tmp_path / "nvme"), str(tmp_path / "nvme" / "final.safetensors"))
+
+
 def test_module_entry_point_and_console_script_parse_the_same_flags():
     """`python -m dsclip.train` and the installed `dsclip train` reach the same parser."""
     import shutil

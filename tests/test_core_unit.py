@@ -71,10 +71,11 @@ def test_params_yaml_masks_secrets(tmp_path):
 
 # ------------------------------------------------------------------ DeepSpeed config
 
-def test_ds_configs_load_and_zero2_is_the_default():
+def test_ds_configs_load_and_zero2_is_the_default(tmp_path):
     files = sorted(glob.glob(os.path.join(ROOT, "ds_configs", "*.json")))
-    assert {os.path.basename(f) for f in files} >= {"zero1.json", "zero2.json", "zero3.json", "zero3_offload.json"}
-    cfg = parse_args(["--lr", "1e-4"])
+    assert {os.path.basename(f) for f in files} >= {"zero1.json", "zero2.json", "zero3.json", "zero3_offload.json",
+                                                    "zero3_nvme.json"}
+    cfg = parse_args(["--lr", "1e-4", "--nvme-path", str(tmp_path)])
     model = open_clip.create_model(register_model(TINY))
     for f in files:
         ds = fill_zero3_buckets(fill_ds_config(load_ds_config(f), cfg, world=2, precision="fp32"), model)
@@ -98,6 +99,16 @@ def test_zero3_buffers_are_sized_from_the_model_and_explicit_values_kept():
     assert "auto" not in json.dumps(without_auto_buckets(ds)["zero_optimization"])
     z2 = {"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}
     assert fill_zero3_buckets(z2, b32)["zero_optimization"] == {"stage": 2}  # DeepSpeed's own default
+
+
+def test_nvme_path_comes_from_the_flag_and_must_be_a_directory(tmp_path):
+    nvme = load_ds_config(os.path.join(ROOT, "ds_configs", "zero3_nvme.json"))
+    zo = fill_ds_config(nvme, parse_args(["--nvme-path", str(tmp_path)]), 2, "fp32")["zero_optimization"]
+    assert zo["offload_optimizer"]["nvme_path"] == zo["offload_param"]["nvme_path"] == str(tmp_path)
+    with pytest.raises(ConfigError, match="pass --nvme-path DIR"):
+        fill_ds_config(nvme, parse_args([]), 2, "fp32")
+    with pytest.raises(ConfigError, match="is not a writable directory"):
+        fill_ds_config(nvme, parse_args(["--nvme-path", str(tmp_path / "missing")]), 2, "fp32")
 
 
 def test_auto_values_filled_from_flags():
