@@ -12,8 +12,10 @@ process baseline: interpreter, torch, DeepSpeed, tokenizer).
 * Largest per-rank batch in ``--budget-gb``: (budget - peak at batch 0) / slope.
 * DeepSpeed's estimators (``estimate_zero2/3_model_states_mem_needs``; the ``_all_live`` tables are
   in the JSON) assume 16-bit training on GPUs: on CPU ranks both their "GPU" and "CPU" figures are
-  host memory, so the per-rank estimate is gpu + cpu / ranks.  dsclip builds the model before
-  ``deepspeed.initialize`` (no ``zero.Init``), so the ZeRO-3 estimate uses ``zero_init=False``.
+  host memory, so the per-rank estimate is gpu + cpu / ranks.  Under ZeRO-3 dsclip builds the
+  model inside ``zero.Init``, so the ZeRO-3 estimate uses ``zero_init=True``.
+* glibc's ``MALLOC_MMAP_THRESHOLD_`` is 64 KiB for every run, so freed buffers leave the resident
+  set and the peak is what was live (the same setting for every stage).
 
 Usage:  python benchmarks/memory.py [--smoke] [--model M] [--batches 2,4] [--stages 0,1,2,3,3o]
                                    [--budget-gb 8] [--out DIR]
@@ -38,7 +40,7 @@ GIB = 1024 ** 3
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="ViT-B-32")
-    p.add_argument("--batches", default="2,6", help="two per-rank batch sizes")
+    p.add_argument("--batches", default="2,32", help="two per-rank batch sizes (the second large enough that activations, not the optimizer step, set the peak)")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--stages", default="0,1,2,3,3o", help="ZeRO stages; 3o = ZeRO-3 with CPU offload")
     p.add_argument("--slope-all", action="store_true", help="measure both batch sizes on every stage")
@@ -56,7 +58,8 @@ def ds_config(stage: str) -> str:
 
 
 def measure(model: str, stage: str, batch: int, steps: int) -> dict:
-    res = launch_dsclip(model, batch, steps, ds_config(stage), nproc=2, threads=1, warmup=0)
+    res = launch_dsclip(model, batch, steps, ds_config(stage), nproc=2, threads=1, warmup=0,
+                        env={"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)})
     ranks = res["ranks"]
     return {"stage": stage, "batch": batch, "peak_bytes": max(r["hwm_kb"] for r in ranks) * 1024,
             "baseline_bytes": max(r["rss_before_model_kb"] for r in ranks) * 1024,
@@ -92,9 +95,9 @@ def estimates(model_name: str, ranks: int) -> tuple[dict, dict]:
     z0 = per_rank(*estimate_zero2_model_states_mem_needs(total, 1, 1, cpu_offload=False))  # nothing partitioned
     z2 = per_rank(*estimate_zero2_model_states_mem_needs(total, ranks, 1, cpu_offload=False))
     z3 = per_rank(*estimate_zero3_model_states_mem_needs(total, largest, ranks, 1, cpu_offload=False,
-                                                         cpu_offload_params=False, zero_init=False)[:2])
+                                                         cpu_offload_params=False, zero_init=True)[:2])
     z3o = per_rank(*estimate_zero3_model_states_mem_needs(total, largest, ranks, 1, cpu_offload=True,
-                                                          cpu_offload_params=True, zero_init=False)[:2])
+                                                          cpu_offload_params=True, zero_init=True)[:2])
     est = {"0": z0, "1": z2, "2": z2, "3": z3, "3o": z3o}
     return est, {"total_params": total, "largest_layer_params": largest, "all_live_tables": tables.getvalue()}
 
