@@ -40,7 +40,8 @@ GIB = 1024 ** 3
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="ViT-B-32")
-    p.add_argument("--batches", default="2,32", help="two per-rank batch sizes (the second large enough that activations, not the optimizer step, set the peak)")
+    p.add_argument("--batches", default="2,32",
+                   help="two per-rank batch sizes; at the second the activations, not the optimizer step, set the peak")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--stages", default="0,1,2,3,3o", help="ZeRO stages; 3o = ZeRO-3 with CPU offload")
     p.add_argument("--slope-all", action="store_true", help="measure both batch sizes on every stage")

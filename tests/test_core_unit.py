@@ -15,6 +15,7 @@ from dsclip import checkpoint as ckpt
 from dsclip.config import Config, ConfigError, parse_args, save_yaml, to_argv
 from dsclip.engine import (
     DEFAULT_DS_CONFIG,
+    fill_device_defaults,
     fill_ds_config,
     fill_zero3_buckets,
     load_ds_config,
@@ -79,7 +80,11 @@ def test_ds_configs_load_and_zero2_is_the_default(tmp_path):
     model = open_clip.create_model(register_model(TINY))
     for f in files:
         ds = fill_zero3_buckets(fill_ds_config(load_ds_config(f), cfg, world=2, precision="fp32"), model)
-        assert "auto" not in json.dumps(ds), f
+        for on_gpu in (True, False):
+            filled = fill_device_defaults(ds, on_gpu)
+            assert "auto" not in json.dumps(filled), f
+            if os.path.basename(f) == "zero2.json":  # one gradient buffer on GPUs only
+                assert filled["zero_optimization"]["contiguous_gradients"] is on_gpu
     assert load_ds_config(os.path.join(ROOT, "ds_configs", "zero2.json")) == DEFAULT_DS_CONFIG
 
 
