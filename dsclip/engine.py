@@ -305,7 +305,8 @@ def build_optimizer(groups: list[dict], ds: dict[str, Any], on_gpu: bool):
                                 adamw_mode=True)
     # fused on CPU too: one pass per parameter, where the multi-tensor form allocates a fresh
     # temporary the size of a whole ZeRO partition every step (1.3 s -> 0.65 s for B/32 here)
-    return torch.optim.AdamW(groups, lr=p["lr"], betas=betas, eps=p["eps"], weight_decay=p["weight_decay"], fused=True)
+    return torch.optim.AdamW(groups, lr=p["lr"], betas=betas, eps=p["eps"], weight_decay=p["weight_decay"],
+                             fused=True)
 
 
 def fill_device_defaults(ds: dict[str, Any], on_gpu: bool) -> dict[str, Any]:
