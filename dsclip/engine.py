@@ -320,9 +320,6 @@ def fill_device_defaults(ds: dict[str, Any], on_gpu: bool) -> dict[str, Any]:
     return ds
 
 
-_FP32_MASTER_SHARED = False
-
-
 def share_fp32_master_in_place() -> None:
     """Let ZeRO-3 update fp32 weights in place instead of keeping a second fp32 copy.
 
@@ -333,12 +330,11 @@ def share_fp32_master_in_place() -> None:
     partitions are created, the device is given as a torch.device, so that check sees what it
     means to.  bf16/fp16 runs (other dtype) and offloaded or NVMe-swapped partitions take their
     own branches, as before."""
-    global _FP32_MASTER_SHARED
-    if _FP32_MASTER_SHARED:
-        return
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 
     create = DeepSpeedZeroOptimizer_Stage3._create_fp32_partitions
+    if getattr(create, "dsclip_patched", False):
+        return
 
     def create_fp32_partitions(self):
         device = self.device
@@ -348,8 +344,8 @@ def share_fp32_master_in_place() -> None:
         finally:
             self.device = device
 
+    create_fp32_partitions.dsclip_patched = True
     DeepSpeedZeroOptimizer_Stage3._create_fp32_partitions = create_fp32_partitions
-    _FP32_MASTER_SHARED = True
 
 
 def initialize_engine(model: torch.nn.Module, groups: list[dict], ds: dict[str, Any], on_gpu: bool):

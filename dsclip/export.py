@@ -82,10 +82,10 @@ def with_offloaded_fp32(tag_dir: str, tmp: str) -> str:
         fh.write(tag)
     optim = sorted(glob.glob(os.path.join(tag_dir, "*_optim_states.pt")))
     world = len(optim)
-    for path in glob.glob(os.path.join(tag_dir, "*_model_states.pt")):
+    model_files = glob.glob(os.path.join(tag_dir, "*_model_states.pt"))
+    for path in model_files:
         os.symlink(os.path.abspath(path), os.path.join(out, os.path.basename(path)))
-    model_file = glob.glob(os.path.join(tag_dir, "*_model_states.pt"))[0]
-    shapes = torch.load(model_file, map_location="cpu", weights_only=False)["param_shapes"]  # vetted by the caller
+    shapes = torch.load(model_files[0], map_location="cpu", weights_only=False)["param_shapes"]  # vetted by the caller
     for path in optim:
         rank = int(re.search(r"zero_pp_rank_(\d+)_", os.path.basename(path)).group(1))
         state = torch.load(path, map_location="cpu", weights_only=False)

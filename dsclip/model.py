@@ -119,9 +119,7 @@ def create_model(cfg: Config, device: torch.device | str = "cpu", load_weights: 
     weights = m.pretrained or source.weights
     if m.pretrained and source.weights:
         notes.append(f"--pretrained {m.pretrained} replaces the weights of {m.model}")
-    force_size = None
-    if m.force_image_size:
-        force_size = m.force_image_size[0] if len(m.force_image_size) == 1 else tuple(m.force_image_size[:2])
+    force_size = forced_image_size(m.force_image_size)
     kwargs: dict[str, Any] = {"force_image_size": force_size, "force_context_length": m.force_context_length,
                               "force_patch_dropout": m.force_patch_dropout, "output_dict": True}
     if weights or not load_weights:  # CLIP weights replace a HF text tower's own: don't download them
@@ -129,7 +127,10 @@ def create_model(cfg: Config, device: torch.device | str = "cpu", load_weights: 
     if cfg.loss.siglip:
         kwargs.update(SIGLIP_INIT)
     transforms = _preprocess_kwargs(source.preprocess or _tag_preprocess(base, m.pretrained))
-    load = _Load(name, base, weights, m.trust_checkpoint, cfg.loss.siglip) if load_weights and weights else None
+    # a repo's weights come with the config read above: what they record about themselves
+    recorded = source.config if weights == source.weights else None
+    load = _Load(name, base, weights, m.trust_checkpoint, cfg.loss.siglip, recorded) if load_weights and weights \
+        else None
     if zero3_config is not None:
         import deepspeed
 
@@ -179,6 +180,19 @@ class _Load:
     spec: str
     trust: bool
     siglip: bool
+    recorded: dict | None = None  # the model config the weights record, when already read
+
+
+def forced_image_size(force: list[int] | None) -> int | tuple[int, int] | None:
+    """``--force-image-size H [W]`` as open_clip's ``force_image_size`` takes it."""
+    if not force:
+        return None
+    return force[0] if len(force) == 1 else tuple(force[:2])
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    """The torch dtype of a resolved ``--precision`` (fp32, bf16, fp16)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
 def _with_logit_bias(name: str) -> str:
@@ -234,7 +248,8 @@ def _fit_state_dict(sd: dict[str, torch.Tensor], ref: nn.Module, load: _Load) ->
 
     notes = _siglip_init_if_missing(sd, ref) if load.siglip else []
     try:
-        grid = checkpoint_grid(sd, ref, [recorded_model_config(load.spec), model_config(load.tags_of)])
+        recorded = load.recorded if load.recorded is not None else recorded_model_config(load.spec)
+        grid = checkpoint_grid(sd, ref, [recorded, model_config(load.tags_of)])
         notes += resize_state_dict_pos_embeds(sd, ref, old_grid=grid)
     except ValueError as e:
         raise ConfigError(f"--pretrained {load.spec}: {e}") from None

@@ -76,12 +76,6 @@ class ModelShape:
     act_ckpt_per_sample: float  # the same with gradient checkpointing (kept inputs + one live layer)
 
 
-def _dtype(precision: str):
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-
-
 def _saved_bytes(forward, batch: int) -> int:
     """Bytes of the tensors autograd saves for backward in ``forward(batch)`` (meta device)."""
     import torch
@@ -146,17 +140,15 @@ def model_shape(cfg, precision: str = "fp32") -> ModelShape:
     import open_clip
     import torch
 
-    from .model import register_model
+    from .model import forced_image_size, precision_dtype, register_model
     from .strategies import apply_strategy, apply_strategy_defaults
 
     apply_strategy_defaults(cfg)
     name = register_model(cfg.model.model)
-    force = cfg.model.force_image_size
     with torch.device("meta"):
         # pretrained_text=False: an HF text tower must not load (or fetch) its weights onto meta
         model = open_clip.create_model(name, pretrained=None, device="meta", pretrained_text=False,
-                                       force_image_size=None if not force else
-                                       (force[0] if len(force) == 1 else tuple(force[:2])),
+                                       force_image_size=forced_image_size(cfg.model.force_image_size),
                                        force_context_length=cfg.model.force_context_length,
                                        force_patch_dropout=cfg.model.force_patch_dropout)
     apply_strategy(model, cfg)
@@ -166,7 +158,7 @@ def model_shape(cfg, precision: str = "fp32") -> ModelShape:
     size = getattr(model.visual, "image_size", 224)
     size = (size, size) if isinstance(size, int) else tuple(size)
     ctx = getattr(model, "context_length", None) or getattr(model.text, "context_length", 77)
-    dtype = _dtype(precision)
+    dtype = precision_dtype(precision)
     model = model.to(dtype).train()
     full = _tower_activations(model, size, ctx, dtype)
     model.set_grad_checkpointing(True)

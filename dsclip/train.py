@@ -132,7 +132,7 @@ def setup(cfg: Config) -> Run:
         zero_stage,
     )
     from dsclip.loss import build_loss
-    from dsclip.model import create_model
+    from dsclip.model import create_model, precision_dtype
     from dsclip.schedule import GroupLR, lr_factor_fn
     from dsclip.strategies import (
         apply_strategy,
@@ -157,9 +157,8 @@ def setup(cfg: Config) -> Run:
     from dsclip.data import preflight
 
     checked = preflight(cfg, "train", ctx.world)
-    if checked is not None and checked.num_batches < cfg.optim.accum_freq:
-        raise ConfigError(f"an epoch has {checked.num_batches} batches per rank, fewer than --accum-freq "
-                          f"{cfg.optim.accum_freq}; use more samples or a smaller batch")
+    if checked is not None:
+        _steps_per_epoch(checked.num_batches, cfg.optim.accum_freq)
     preflight(cfg, "val", ctx.world)
     ds = fill_ds_config(load_ds_config(cfg.run.ds_config), cfg, ctx.world, precision)
     if cfg.run.memory_check:
@@ -197,10 +196,7 @@ def setup(cfg: Config) -> Run:
 
     source = build_source(cfg, "train", bundle.preprocess_train, bundle.tokenizer, bundle.image_size,
                           ctx.rank, ctx.world, checked=checked)
-    steps_per_epoch = source.num_batches // cfg.optim.accum_freq
-    if steps_per_epoch == 0:
-        raise ConfigError(f"an epoch has {source.num_batches} batches per rank, fewer than --accum-freq "
-                          f"{cfg.optim.accum_freq}; use more samples or a smaller batch")
+    steps_per_epoch = _steps_per_epoch(source.num_batches, cfg.optim.accum_freq)
     epochs = cfg.optim.epochs
     total = epochs * steps_per_epoch
     if cfg.optim.max_steps:
@@ -220,7 +216,7 @@ def setup(cfg: Config) -> Run:
             "world_size": ctx.world}
     run = Run(cfg, ctx, engine, bundle, source, build_loss(cfg.loss, group=None), lr, logger, evaluator, guards,
               run_dir, ckpt_dir, steps_per_epoch, total, epochs, meta,
-              dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32))
+              dtype=precision_dtype(precision))
     if ctx.is_main:
         for line in notes + bundle.notes:
             print(f"[dsclip] {line}", flush=True)
@@ -236,6 +232,14 @@ def setup(cfg: Config) -> Run:
     run.watchdog = Watchdog(run_dir, ctx.rank, ctx.world, cfg.run.dist_timeout)
     run.watchdog.beat(run.state.step)
     return run
+
+
+def _steps_per_epoch(num_batches: int, accum_freq: int) -> int:
+    """Optimizer steps in an epoch of ``num_batches`` per rank; ConfigError when there are none."""
+    if num_batches < accum_freq:
+        raise ConfigError(f"an epoch has {num_batches} batches per rank, fewer than --accum-freq "
+                          f"{accum_freq}; use more samples or a smaller batch")
+    return num_batches // accum_freq
 
 
 def _check_memory(cfg: Config, ds: dict, precision: str, ctx) -> None:

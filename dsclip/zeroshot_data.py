@@ -22,12 +22,12 @@ import re
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from .config import ConfigError
+from .data.samples import open_rgb
 from .imagenet_meta import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
@@ -86,19 +86,6 @@ class LabelledDataset:
 
 
 DEFAULT_MAX_PIXELS = LabelledDataset.max_pixels  # PIL's own limit; the trainer passes --max-image-pixels
-
-
-def open_rgb(src: Any, what: str, max_pixels: int) -> Any:
-    """An RGB PIL image, refusing from its header alone one over ``max_pixels`` (a decompression
-    bomb in an evaluation set would otherwise be decoded in full)."""
-    from PIL import Image
-
-    with Image.open(src) as im:
-        w, h = im.size
-        if w * h > max_pixels:
-            raise ValueError(f"{what}: {w}x{h} pixels is over --max-image-pixels {max_pixels}; remove the "
-                             f"image from the evaluation set or raise the limit")
-        return im.convert("RGB")
 
 
 class _FileList(Dataset):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import glob
 import os
 import pickle
-import socket
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -20,6 +19,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from tests.launch import free_port
 
 
 def _worker(rank: int, world: int, store_path: str, out_dir: str, fn: Callable, args: tuple, port: int,
@@ -44,12 +45,6 @@ def _worker(rank: int, world: int, store_path: str, out_dir: str, fn: Callable, 
         dist.destroy_process_group()
 
 
-def _unique_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 300) -> list[Any]:
     """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; return each rank's result."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -57,7 +52,7 @@ def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 300) -> lis
         from tests.ranks import context
 
         ctx = context()  # forked from a server with torch, DeepSpeed and open_clip loaded
-        port = _unique_port()
+        port = free_port()
         env = dict(os.environ)
         procs = [ctx.Process(target=_worker, args=(r, world, store_path, tmp, fn, args, port, env))
                  for r in range(world)]

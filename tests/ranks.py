@@ -19,7 +19,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,12 +46,6 @@ def context():
         ctx.set_forkserver_preload(PRELOAD)
         _context = ctx
     return _context
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def apply_env(env: dict[str, str]) -> None:
@@ -90,10 +83,10 @@ def _train_rank(rank: int, world: int, port: int, args: list[str], env: dict[str
 def train_job(args: list[str], nproc: int = 2, env: dict[str, str] | None = None,
               timeout: float = 600) -> subprocess.CompletedProcess:
     """Run one dsclip training job on ``nproc`` forked ranks (see the module docstring)."""
-    from tests.launch import cpu_env
+    from tests.launch import cpu_env, free_port
 
     env = dict(env or cpu_env())
-    port = _free_port()
+    port = free_port()
     ctx = context()
     logs = tempfile.mkdtemp(prefix="dsclip-ranks-")
     paths = [os.path.join(logs, f"rank{r}.log") for r in range(nproc)]

@@ -151,6 +151,8 @@ def _aio_builds() -> bool:
         return False
 
 
+# the async-I/O op is a compiled DeepSpeed extension: without libaio's headers it cannot be built
+# on the machine at all, which says nothing about dsclip; CI installs them, so there it runs
 @pytest.mark.skipif(not _aio_builds(), reason="DeepSpeed's async-I/O op needs libaio-dev (apt-get install libaio-dev; "
                                               ".ci/run installs it)")
 def test_zero3_nvme_offload_trains_resumes_and_exports(tmp_path):

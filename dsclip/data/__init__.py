@@ -66,7 +66,8 @@ def build_source(cfg: Config, split: str, preprocess: Callable, tokenizer: Calla
     if kind == "csv":
         from .csv import CsvSource
 
-        return CsvSource(cfg, split, preprocess, tokenizer, rank, world, bs)
+        return CsvSource(cfg, split, preprocess, tokenizer, rank, world, bs,
+                         rows=checked.plan if checked is not None else None)
     if kind == "webdataset":
         from .wds import WebDatasetSource
 
@@ -86,7 +87,7 @@ class Preflight:
     num_samples: int
     num_batches: int
     num_shards: int = 0
-    plan: Any = None  # the webdataset plan (``wds.WdsPlan``), reusable by ``WebDatasetSource``
+    plan: Any = None  # what the source can reuse: the webdataset plan (``wds.WdsPlan``), the CSV rows
 
 
 def preflight(cfg: Config, split: str = "train", world: int = 1, batch_size: int | None = None) -> Preflight | None:
@@ -108,8 +109,8 @@ def preflight(cfg: Config, split: str = "train", world: int = 1, batch_size: int
     if kind == "csv":
         from .csv import csv_rows
 
-        n, batches = csv_rows(cfg, split, bs, world)
-        return Preflight(kind, n, batches)
+        n, batches, rows = csv_rows(cfg, split, bs, world)
+        return Preflight(kind, n, batches, plan=rows)
     if kind == "webdataset":
         from .wds import plan_webdataset
 

@@ -22,7 +22,7 @@ import torch
 
 from ..config import Config, ConfigError
 from .readers import stable_seed
-from .samples import collate
+from .samples import batches_per_rank, collate
 from .wds import BatchLoader, BatchStream, CountingPipeline
 
 
@@ -97,31 +97,31 @@ def _rows(cfg: Config, split: str) -> tuple[list[str], list[str]]:
 
 
 def _batches(num_samples: int, path: str, batch_size: int, world: int) -> int:
-    n = num_samples // (batch_size * world)
-    if n == 0:
-        raise ConfigError(f"{num_samples} rows in {path} cannot fill one global batch of "
-                          f"{batch_size * world}; lower --batch-size or add data")
-    return n
+    return batches_per_rank(num_samples, batch_size, world, f"{num_samples} rows in {path}",
+                            "lower --batch-size or add data")
 
 
-def csv_rows(cfg: Config, split: str, batch_size: int, world: int) -> tuple[int, int]:
-    """(samples per epoch, batches per rank) of a CSV split, checked as ``CsvSource`` checks them."""
+def csv_rows(cfg: Config, split: str, batch_size: int, world: int
+             ) -> tuple[int, int, tuple[list[str], list[str]]]:
+    """(samples per epoch, batches per rank, the rows) of a CSV split, checked as ``CsvSource``
+    checks them; ``CsvSource`` takes the rows, so the file is read once."""
     d = cfg.data
     given = d.train_num_samples if split == "train" else d.val_num_samples
-    rows = _rows(cfg, split)[0]  # checks the file and its columns
-    n = int(given) if given else len(rows)
-    return n, _batches(n, d.train_data if split == "train" else d.val_data, batch_size, world)
+    rows = _rows(cfg, split)  # checks the file and its columns
+    n = int(given) if given else len(rows[0])
+    return n, _batches(n, d.train_data if split == "train" else d.val_data, batch_size, world), rows
 
 
 class CsvSource:
     """See the module docstring."""
 
     def __init__(self, cfg: Config, split: str, preprocess: Callable, tokenizer: Callable, rank: int, world: int,
-                 batch_size: int, *, multiprocessing_context: Any = None):
+                 batch_size: int, *, multiprocessing_context: Any = None,
+                 rows: tuple[list[str], list[str]] | None = None):
         d = cfg.data
         train = split == "train"
         path = d.train_data if train else d.val_data
-        paths, captions = _rows(cfg, split)
+        paths, captions = rows if rows is not None else _rows(cfg, split)
         given = d.train_num_samples if train else d.val_num_samples
         self.num_samples = int(given) if given else len(paths)
         self.batch_size, self.rank, self.world = batch_size, rank, world

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..config import ConfigError
 from .skips import DataError, SkipCounter
 
 log = logging.getLogger(__name__)
@@ -100,11 +101,28 @@ def check_image_header(data: bytes, max_pixels: int) -> str | None:
     return "too_large" if w * h > max_pixels else None
 
 
+def batches_per_rank(num_samples: int, batch_size: int, world: int, what: str, fix: str) -> int:
+    """Full global batches in an epoch of ``num_samples``; ConfigError ("``what`` cannot fill one
+    global batch of N; ``fix``") when there is none."""
+    n = num_samples // (batch_size * world)
+    if n == 0:
+        raise ConfigError(f"{what} cannot fill one global batch of {batch_size * world}; {fix}")
+    return n
+
+
+def open_rgb(src: Any, what: str, max_pixels: int, formats: tuple[str, ...] | None = None) -> Image.Image:
+    """An RGB PIL image, refused from its header alone when over ``max_pixels`` (a decompression
+    bomb would otherwise be decoded in full).  Raises ValueError naming ``what``."""
+    with Image.open(src, formats=formats) as im:
+        w, h = im.size
+        if w * h > max_pixels:
+            raise ValueError(f"{what}: {w}x{h} pixels is over --max-image-pixels {max_pixels}; remove the "
+                             f"image or raise the limit")
+        return im.convert("RGB")
+
+
 def decode_image(data: bytes, preprocess: Callable, max_pixels: int) -> torch.Tensor:
-    with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as im:
-        if im.size[0] * im.size[1] > max_pixels:
-            raise ValueError("image over --max-image-pixels")
-        return preprocess(im.convert("RGB"))
+    return preprocess(open_rgb(io.BytesIO(data), "image", max_pixels, PIL_FORMATS))
 
 
 def collate(samples: list[tuple[str, str, bytes, str]], preprocess: Callable, tokenizer: Callable,

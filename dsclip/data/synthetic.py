@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError
+from .samples import batches_per_rank
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "cyan", "orange", "white"]
 SHAPES = ["square", "stripe", "dot", "cross"]
@@ -41,11 +42,8 @@ def synthetic_batches(num_samples: int, batch_size: int, world: int, count_flag:
     if num_samples < 1 or batch_size < 1:
         raise ConfigError(f"synthetic data needs at least one sample and a batch size >= 1, got "
                           f"{num_samples} samples and --batch-size {batch_size}")
-    n = num_samples // (batch_size * world)
-    if n == 0:
-        raise ConfigError(f"{num_samples} synthetic samples cannot fill one global batch of "
-                          f"{batch_size * world}; raise {count_flag} or lower --batch-size")
-    return n
+    return batches_per_rank(num_samples, batch_size, world, f"{num_samples} synthetic samples",
+                            f"raise {count_flag} or lower --batch-size")
 
 
 class SyntheticSource:

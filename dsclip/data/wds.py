@@ -70,7 +70,7 @@ from .readers import (
     stream_quotas,
 )
 from .s3 import DEFAULT_BLOCK_SIZE, StorageAuthError, open_shard, s3_endpoint, safe_url
-from .samples import caption_of, check_image_header, collate
+from .samples import batches_per_rank, caption_of, check_image_header, collate
 from .skips import DataError, SkipCounter, StatsBook
 from .tar import iter_tar
 from .urls import ShardSet, mixing_weights, resolve_sources
@@ -339,11 +339,8 @@ class WdsPlan:
         return sum(len(s.shards) for s in self.sources)
 
     def num_batches(self, batch_size: int, world: int) -> int:
-        n = self.num_samples // (batch_size * world)
-        if n == 0:
-            raise ConfigError(f"{self.num_samples} samples in {self.flag} cannot fill one global batch of "
-                              f"{batch_size * world}; lower --batch-size or add data")
-        return n
+        return batches_per_rank(self.num_samples, batch_size, world, f"{self.num_samples} samples in {self.flag}",
+                                "lower --batch-size or add data")
 
 
 def plan_webdataset(cfg: Config, split: str) -> WdsPlan:
